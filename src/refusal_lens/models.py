@@ -1,0 +1,99 @@
+"""Loading models and tokenizers: real ``from_pretrained`` code with clear errors.
+
+With no model given, every command uses the built-in model organism (:func:`refusal_lens.organism.path`).
+``trust_remote_code`` stays off unless the user asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
+    """The organism's folder for ``None``; a local folder (checked) or a hub id otherwise."""
+    if name_or_path is None:
+        from .organism import path as organism_path
+
+        return str(organism_path())
+    text = str(name_or_path)
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") != 1 or os.sep == "\\" and "\\" in text
+    local = Path(text).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise UserError(f"model folder {local} has no config.json; point --model at a HF model folder.")
+        return str(local)
+    if looks_local:
+        raise UserError(f"model path {text} does not exist; check --model (a local folder or a hub id org/name).")
+    return text  # a hub id: from_pretrained fetches it (or finds it in the local cache)
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, object]:
+    """Load a causal LM and its tokenizer (left padding, a pad token) in eval mode.
+
+    Example:
+        >>> model, tokenizer = load_model()          # the built-in organism  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=parse_dtype(dtype), device_map=device_map, trust_remote_code=trust_remote_code
+        )
+    except UserError:
+        raise
+    except Exception as exc:  # network errors, missing files, unknown architectures
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load model {path}: {first}") from None
+    if device is not None and device_map is None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    prepare_tokenizer(tokenizer)
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer: object) -> None:
+    """Left padding (so post-instruction tokens are the last positions) and a pad token."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def model_name(model: nn.Module) -> str:
+    """A readable name for provenance: the folder or hub id the model came from."""
+    return str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device of the embedding (where inputs go), also under a multi-device ``device_map``."""
+    return model.get_input_embeddings().weight.device
