@@ -105,9 +105,7 @@ def test_selection_matches_naive_reference_and_respects_planted_filters(tokenize
     cfg = SelectionConfig(kl_threshold=kl_threshold, induce_threshold=-1e9, batch_size=5, prune=False)
     result = select_direction(model, fmt, candidates, HARMFUL[:4], HARMLESS[:4], ids, cfg, progress=False)
 
-    expected = min(
-        (k for k, v in eligible.items() if v[2] <= kl_threshold), key=lambda k: eligible[k][0]
-    )
+    expected = min((k for k, v in eligible.items() if v[2] <= kl_threshold), key=lambda k: eligible[k][0])
     assert (result.chosen.position, result.chosen.layer) == expected != best
     for s in result.scores:
         if (s.position, s.layer) in eligible:
@@ -121,7 +119,13 @@ def test_selection_matches_naive_reference_and_respects_planted_filters(tokenize
 
     # pruning skips work but keeps the choice
     pruned = select_direction(
-        model, fmt, candidates, HARMFUL[:4], HARMLESS[:4], ids, SelectionConfig(**{**cfg.__dict__, "prune": True}),
+        model,
+        fmt,
+        candidates,
+        HARMFUL[:4],
+        HARMLESS[:4],
+        ids,
+        SelectionConfig(**{**cfg.__dict__, "prune": True}),
         progress=False,
     )
     assert (pruned.chosen.position, pruned.chosen.layer) == expected

@@ -42,7 +42,7 @@ def mean_activations(
 
     def reader(slot: int):
         def fn(x: torch.Tensor) -> None:
-            current[slot] = x[:, -n_pos:, :].detach().to("cpu", torch.float64).sum(0)
+            current[slot] = x[:, -n_pos:, :]  # a view; summed once per batch below, not per layer
 
         return fn
 
@@ -53,8 +53,8 @@ def mean_activations(
         bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
         for batch in formatter.batches(instructions, batch_size, device):
             model(**batch, use_cache=False)
-            for slot in range(L + 1):
-                total[:, slot] += current[slot]
+            stacked = torch.stack([current[slot].to("cpu") for slot in range(L + 1)], dim=2)  # [B, pos, L+1, d]
+            total += stacked.sum(0, dtype=torch.float64)
             bar.update(batch["input_ids"].shape[0])
         bar.close()
     mean = total / len(instructions)

@@ -175,6 +175,8 @@ def compute_direction(
             raise UserError(f"the {name} prompt list is empty; give at least one instruction.")
     fmt = ChatFormatter(tokenizer, system=system, chat_template=chat_template)
     adapter = get_adapter(model)
+    if cfg.layer is not None:  # check a manual choice before any forward pass
+        adapter.check_layer(cfg.layer)
     if harmful_val is None:
         harmful, harmful_val = _split_val(harmful, cfg.n_train, cfg.n_val, cfg.seed)
     if harmless_val is None:
@@ -228,7 +230,6 @@ def compute_direction(
         mean_norm_harmful_by_layer=mean_harmful[-1].norm(dim=-1).tolist(),
     )
     if cfg.layer is not None:
-        adapter.check_layer(cfg.layer)
         pos = -1 if cfg.position is None else cfg.position
         if not -fmt.n_eoi <= pos < 0:
             raise UserError(f"--position {pos} is out of range; use -1..-{fmt.n_eoi} (post-instruction tokens).")

@@ -30,14 +30,27 @@ Operator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Positions = Literal["all", "prompt"] | Sequence[int]
 
 
-def _as_rows(direction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Shape a ``[d]`` or ``[B, d]`` direction to broadcast against ``x [B, T, d]`` on x's device/dtype."""
+def _as_rows(direction: torch.Tensor, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    """Shape a ``[d]`` or ``[B, d]`` direction to broadcast against ``x [B, T, d]`` on x's device/dtype.
+
+    ``cache`` keeps the converted copy per (device, dtype): hooks run at every layer of every step, and a
+    model split over several devices (``device_map``) needs one copy per device.
+    """
+    key = (x.device, x.dtype)
+    if cache is not None and key in cache:
+        return cache[key]
     d = direction.to(device=x.device, dtype=x.dtype)
-    return d.view(1, 1, -1) if d.ndim == 1 else d.unsqueeze(1)
+    d = d.view(1, 1, -1) if d.ndim == 1 else d.unsqueeze(1)
+    if cache is not None:
+        cache[key] = d
+    return d
 
 
 def project_out(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
     """``x − (x·u) u`` for a unit vector ``u`` (already shaped by :func:`_as_rows`)."""
+    if unit.shape[0] == 1:  # one direction for the whole batch: a matrix-vector product is cheapest
+        u = unit.view(-1)
+        return x - torch.outer((x.reshape(-1, u.shape[0]) @ u), u).view_as(x)
     return x - (x * unit).sum(-1, keepdim=True) * unit
 
 
@@ -62,8 +75,10 @@ def projection_setter(value: float | torch.Tensor) -> Operator:
 
 
 def _positioned(op: Operator, direction: torch.Tensor, positions: Positions) -> Callable:
+    cache: dict = {}
+
     def fn(x: torch.Tensor) -> torch.Tensor:
-        r = _as_rows(direction, x)
+        r = _as_rows(direction, x, cache)
         if isinstance(positions, str) and positions == "all":
             return op(x, r)
         if x.shape[1] == 1:
@@ -105,14 +120,22 @@ def ablate_direction(
     adapter: ArchitectureAdapter | None = None,
     layers: Sequence[int] | None = None,
 ) -> Iterator[ArchitectureAdapter]:
-    """Directional ablation of ``direction`` (normalised here) at every layer and residual write."""
+    """Directional ablation of ``direction`` (normalised here) at every layer and residual write.
+
+    With all layers ablated, the input of layer 0 (the embeddings) and every write are projected; the input
+    of a later layer is the sum of those, so it has no component along ``r̂`` either and needs no hook of its
+    own (a third fewer hooks on the generation hot path). With a subset of ``layers``, each of their
+    inputs is projected too.
+    """
     adapter = adapter or get_adapter(model)
     u = unit(direction)
+    all_layers = layers is None
     layers = range(adapter.n_layers) if layers is None else layers
     ablate = _positioned(project_out, u, "all")
     writes = [m for layer in layers for m in (adapter.attn_write(layer), adapter.mlp_write(layer))]
+    inputs = [0] if all_layers else list(layers)
     with ExitStack() as stack:
-        stack.enter_context(site_hooks(model, {(layer, "resid_pre"): ablate for layer in layers}, adapter))
+        stack.enter_context(site_hooks(model, {(layer, "resid_pre"): ablate for layer in inputs}, adapter))
         stack.enter_context(module_output_hooks(writes, ablate))
         yield adapter
 

@@ -34,12 +34,21 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 
-def project_out_along(tensor: torch.Tensor, unit: torch.Tensor, axis: int) -> torch.Tensor:
-    """Remove ``unit``'s component from ``tensor`` along ``axis`` (computed in float64, cast back)."""
-    t = tensor.double().movedim(axis, -1)
-    u = unit.double().to(t.device)
-    t = t - (t @ u).unsqueeze(-1) * u
-    return t.movedim(-1, axis).to(tensor.dtype)
+def project_out_along(tensor: torch.Tensor, unit: torch.Tensor, axis: int, chunk_bytes: int = 8 << 20) -> torch.Tensor:
+    """Remove ``unit``'s component from ``tensor`` along ``axis`` (computed in float64, cast back).
+
+    Rows are processed in chunks of about ``chunk_bytes`` of float64, so the temporaries stay small next to
+    a large embedding matrix (streaming's peak memory is about one shard).
+    """
+    moved = tensor.movedim(axis, -1)
+    chunk_rows = max(1, chunk_bytes // (8 * moved.shape[-1]))
+    out = torch.empty(moved.shape, dtype=tensor.dtype, device=tensor.device)
+    u = unit.double().to(tensor.device)
+    rows_in, rows_out = moved.reshape(-1, moved.shape[-1]), out.view(-1, moved.shape[-1])
+    for start in range(0, rows_in.shape[0], chunk_rows):
+        block = rows_in[start : start + chunk_rows].double()
+        rows_out[start : start + chunk_rows] = (block - torch.outer(block @ u, u)).to(tensor.dtype)
+    return out.movedim(-1, axis).contiguous()
 
 
 def _refuse_inexact(adapter: ArchitectureAdapter, force: bool) -> None:

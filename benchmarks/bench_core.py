@@ -1,0 +1,127 @@
+"""Benchmarks of the refusal-direction paths: capture overhead, selection, generation under ablation."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from refusal_lens.activations import mean_activations
+from refusal_lens.interventions import ablate_direction, add_direction
+from refusal_lens.prompts import ChatFormatter
+from refusal_lens.scoring import kl_divergence, last_logits, refusal_score_from_logits
+from refusal_lens.selection import SelectionConfig, select_direction
+from refusal_lens.testing import random_model
+
+from .common import Result, interleaved_ratio, organism_or_random
+
+WORDS = "how do i write a short story about the sea and plants growing in a garden at home with friends".split()
+
+
+def _prompts(n: int, seed: int) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (12,), generator=g).tolist()) for _ in range(n)]
+
+
+def capture_overhead(quick: bool) -> Result:
+    """Forward with capture hooks on every layer vs a plain forward of the same batches (throughput ratio)."""
+    model = random_model("llama", n_layers=8, d_model=256, n_heads=8, vocab=300)
+    from refusal_lens.testing import toy_tokenizer
+
+    fmt = ChatFormatter(toy_tokenizer())
+    prompts = _prompts(64 if quick else 256, 0)
+
+    @torch.no_grad()
+    def plain():  # what a user would run without capture: tokenize and forward the same batches
+        for b in fmt.batches(prompts, 32):
+            model(**b, use_cache=False)
+
+    def ours():
+        mean_activations(model, fmt, prompts, batch_size=32, progress=False)
+
+    ratios, details = interleaved_ratio(plain, ours, 3 if quick else 7)
+    # ratio = t_plain / t_capture = capture throughput relative to a plain forward
+    return Result("capture_overhead", statistics.median(ratios), 0.95, ratios, details)
+
+
+def reference_sweep(model, fmt, candidates, harmful, harmless, ids, cfg: SelectionConfig, bs: int):
+    """The naive sweep of the paper's code: every candidate separately, 3 passes each, filters afterwards."""
+    n_pos, n_layers, _ = candidates.shape
+    base = last_logits(model, fmt, harmless, bs)
+    best, best_key = None, None
+    for p in range(n_pos):
+        for layer in range(n_layers):
+            r = candidates[p, layer].float()
+            if r.norm() < 1e-6:
+                continue
+            with ablate_direction(model, r):
+                bypass = refusal_score_from_logits(last_logits(model, fmt, harmful, bs), ids).mean()
+                kl = kl_divergence(base, last_logits(model, fmt, harmless, bs)).mean()
+            with add_direction(model, r, layer):
+                induce = refusal_score_from_logits(last_logits(model, fmt, harmless, bs), ids).mean()
+            if layer >= int(cfg.max_layer_fraction * n_layers) or kl > cfg.kl_threshold:
+                continue
+            if induce < cfg.induce_threshold:
+                continue
+            if best is None or bypass < best:
+                best, best_key = float(bypass), (p - n_pos, layer)
+    return best_key
+
+
+def selection_speedup(quick: bool) -> Result:
+    """Our selection vs the naive reference sweep, same candidates and prompts; asserts the same choice."""
+    model, tok, which = organism_or_random(quick)
+    fmt = ChatFormatter(tok)
+    if which == "organism":
+        from refusal_lens.organism.corpus import load_split
+
+        harmful = [r["instruction"] for r in load_split("harmful", "val")][:32]
+        harmless = [r["instruction"] for r in load_split("harmless", "val")][:32]
+        h_train = [r["instruction"] for r in load_split("harmful", "train")][:64]
+        b_train = [r["instruction"] for r in load_split("harmless", "train")][:64]
+        ids = tok.convert_tokens_to_ids(["I"]) if "I" in tok.get_vocab() else [5]
+        cfg = SelectionConfig()
+    else:
+        harmful, harmless, h_train, b_train = _prompts(32, 1), _prompts(32, 2), _prompts(64, 3), _prompts(64, 4)
+        ids = [5]
+        cfg = SelectionConfig(kl_threshold=1e9, induce_threshold=-1e9)
+    if quick:
+        harmful, harmless = harmful[:16], harmless[:16]
+    mean_harmful = mean_activations(model, fmt, h_train, progress=False)
+    cands = (mean_harmful - mean_activations(model, fmt, b_train, progress=False))[:, :-1]
+    chosen = {}
+
+    def ref():
+        chosen["ref"] = reference_sweep(model, fmt, cands, harmful, harmless, ids, cfg, 32)
+
+    def ours():
+        res = select_direction(model, fmt, cands, harmful, harmless, ids, cfg, progress=False)
+        chosen["ours"] = None if res.chosen is None else (res.chosen.position, res.chosen.layer)
+
+    ratios, details = interleaved_ratio(ref, ours, 1 if quick else 3)
+    assert chosen["ref"] == chosen["ours"], f"selection differs from the reference: {chosen}"
+    details.update(model=which, chosen=chosen["ours"], n_candidates=int(cands.shape[0] * cands.shape[1]))
+    return Result("selection_speedup", statistics.median(ratios), 3.0, ratios, details)
+
+
+def generation_overhead(quick: bool) -> Result:
+    """Greedy generation with ablation hooks on every layer vs without hooks."""
+    model, tok, which = organism_or_random(quick)
+    fmt = ChatFormatter(tok)
+    batch = fmt.encode(_prompts(16, 5))
+    inputs = {k: v for k, v in batch.items() if k != "position_ids"}
+    r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    new = 32 if quick else 64
+
+    @torch.no_grad()
+    def plain():
+        model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id)
+
+    @torch.no_grad()
+    def hooked():
+        with ablate_direction(model, r):
+            plain()
+
+    ratios, details = interleaved_ratio(plain, hooked, 2 if quick else 5)
+    details["model"] = which
+    return Result("generation_overhead", statistics.median(ratios), 0.9, ratios, details)
