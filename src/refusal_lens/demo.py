@@ -1,0 +1,134 @@
+"""The demo: the whole pipeline on the built-in model organism, in a few CPU minutes.
+
+1. extract and select the refusal direction from the organism's training/validation splits;
+2. evaluate baseline, directional ablation, activation addition, orthogonalized weights, and a random
+   direction of the same norm as a control, on the organism's held-out harmful / harmless / borderline
+   test splits (generation, judges, KL, CE loss);
+3. write ``results.json``, ``completions.jsonl``, the direction, and an HTML report with figures.
+
+Example:
+    >>> summary = run_demo("demo-out")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import Prompt
+from .direction import DirectionConfig, compute_direction
+from .errors import UserError
+from .evaluation import EvalSettings, evaluate_conditions, save_evaluation, standard_conditions
+from .interventions import ablate_direction, add_direction
+from .io import atomic_write_json, staging_dir
+from .models import load_model
+
+ADDITION_POSITIONS = "prompt"  # adding at prompt positions only gives clean single refusals (SPEC §6)
+
+
+def _split(kind: str, split: str) -> list[Prompt]:
+    from .organism import load_split
+
+    return [Prompt(r["instruction"], r["category"]) for r in load_split(kind, split)]
+
+
+def run_demo(
+    out: str | os.PathLike,
+    model_path: str | None = None,
+    n_prompts: int | None = 200,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the demo into ``out``; returns a short summary (also printed by the CLI)."""
+    start = time.perf_counter()
+    model, tokenizer = load_model(model_path)
+    text = lambda prompts: [p.instruction for p in prompts]  # noqa: E731
+    found = compute_direction(
+        model, tokenizer,
+        text(_split("harmful", "train")), text(_split("harmless", "train")),
+        text(_split("harmful", "val")), text(_split("harmless", "val")),
+        config=DirectionConfig(seed=seed),
+        data_info={"harmful": "organism:harmful:train", "harmless": "organism:harmless:train",
+                   "harmful_val": "organism:harmful:val", "harmless_val": "organism:harmless:val"},
+        progress=progress,
+    )  # fmt: skip
+    direction = found.direction
+    if direction is None:
+        raise UserError(f"direction selection failed on the organism:\n{found.selection.explanation}")
+    t_direction = time.perf_counter() - start
+
+    conditions, descriptions = standard_conditions(model, direction, positions=ADDITION_POSITIONS)
+    # Control: a random direction with the same norm must not bypass or induce refusal.
+    gen = torch.Generator().manual_seed(seed + 1)
+    random_dir = torch.randn(direction.vector.shape, generator=gen)
+    random_dir = random_dir / random_dir.norm() * direction.vector.norm()
+    conditions["random_ablation"] = lambda: ablate_direction(model, random_dir)
+    conditions["random_addition"] = lambda: add_direction(
+        model, random_dir, direction.layer, 1.0, ADDITION_POSITIONS
+    )  # fmt: skip
+    descriptions["random_ablation"] = {"intervention": "ablate", "direction": "random, same norm (control)"}
+    descriptions["random_addition"] = {
+        "intervention": "add", "layer": direction.layer, "direction": "random, same norm (control)",
+        "positions": ADDITION_POSITIONS,
+    }  # fmt: skip
+
+    from .organism import chat_pairs, plain_text
+
+    pairs = [(c["instruction"], c["reply"]) for c in chat_pairs("test") if c.get("kind") == "harmless"]
+    settings = EvalSettings(max_new_tokens=max_new_tokens, n_prompts=n_prompts, seed=seed, batch_size=64)
+    sets = {"harmful": _split("harmful", "test"), "harmless": _split("harmless", "test"),
+            "borderline": _split("borderline", "test")}  # fmt: skip
+    results, completions = evaluate_conditions(
+        model, tokenizer, conditions, sets, settings,
+        refusal_tokens=direction.meta.get("refusal_token_ids"), plain_text=plain_text()[:256],
+        instruction_pairs=pairs, direction=direction, descriptions=descriptions, progress=progress,
+        return_completions=True,
+    )  # fmt: skip
+    results["selection"] = {
+        "explanation": found.selection.explanation if found.selection else "manual",
+        "kept": sum(s.kept for s in found.selection.scores) if found.selection else None,
+        "n_candidates": len(found.selection.scores) if found.selection else None,
+    }
+    with tempfile.TemporaryDirectory() as tmp, staging_dir(out) as stage:
+        direction.save(tmp)
+        if found.selection is not None:
+            atomic_write_json(Path(tmp) / "selection.json", found.selection.to_json())
+        # save_evaluation builds `stage` afresh (copying selection/direction JSON for the report) ...
+        save_evaluation(stage, results, completions, {"command": "demo"}, direction_dir=tmp)
+        shutil.copytree(tmp, stage / "direction")  # ... then the direction joins it; all renamed at once
+    summary = summarize(results)
+    summary["seconds"] = {"direction": round(t_direction, 1), "total": round(time.perf_counter() - start, 1)}
+    return summary
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Refusal rates per condition and set, KL on harmless prompts, in a compact dict."""
+    rows = {}
+    for cond, entry in results["conditions"].items():
+        rows[cond] = {
+            name: entry[name]["refusal_rate"] for name in ("harmful", "harmless", "borderline") if name in entry
+        }
+        if entry.get("kl_harmless") is not None:
+            rows[cond]["kl_harmless"] = entry["kl_harmless"]
+    return {"direction": results["direction"], "rates": rows}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    d = summary["direction"]
+    lines = [f"refusal direction: layer {d['layer']}, position {d['position']} (norm {d['norm']:.2f})", ""]
+    lines.append(f"{'condition':<18}{'harmful':>9}{'harmless':>10}{'borderline':>12}{'KL(harmless)':>14}")
+    for cond, row in summary["rates"].items():
+        kl = row.get("kl_harmless")
+        cells = [f"{row.get(k, float('nan')):>9.1%}" if k in row else f"{'-':>9}" for k in ("harmful",)]
+        cells.append(f"{row['harmless']:>10.1%}" if "harmless" in row else f"{'-':>10}")
+        cells.append(f"{row['borderline']:>12.1%}" if "borderline" in row else f"{'-':>12}")
+        cells.append(f"{kl:>14.4f}" if isinstance(kl, float) else f"{'-':>14}")
+        lines.append(f"{cond:<18}" + "".join(cells))
+    return "\n".join(lines)
