@@ -25,9 +25,25 @@ def prompt_files(tmp_path):
 
 
 def _direction_args(model, harmful, harmless, out):
-    return ["direction", "--model", str(model), "--harmful", str(harmful), "--harmless", str(harmless),
-            "--out", str(out), "--refusal-tokens", "5", "--no-filter-data", "--kl-threshold", "1e9",
-            "--induce-threshold=-1e9", "--n-val", "2"]  # fmt: skip
+    return [
+        "direction",
+        "--model",
+        str(model),
+        "--harmful",
+        str(harmful),
+        "--harmless",
+        str(harmless),
+        "--out",
+        str(out),
+        "--refusal-tokens",
+        "5",
+        "--no-filter-data",
+        "--kl-threshold",
+        "1e9",
+        "--induce-threshold=-1e9",
+        "--n-val",
+        "2",
+    ]
 
 
 def test_help_explains_every_command():
@@ -41,8 +57,20 @@ def test_direction_then_orthogonalize_end_to_end(saved_model, prompt_files, tmp_
     d = Direction.load(tmp_path / "d")
     selection = json.loads((tmp_path / "d" / "selection.json").read_text())
     assert len(selection["candidates"]) == d.candidates.shape[0] * d.candidates.shape[1]
-    assert main(["orthogonalize", "--model", str(saved_model), "--direction", str(tmp_path / "d"),
-                 "--out", str(tmp_path / "o")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "orthogonalize",
+                "--model",
+                str(saved_model),
+                "--direction",
+                str(tmp_path / "d"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
     edited = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
     u = d.vector / d.vector.norm()
     assert (edited.model.layers[0].self_attn.o_proj.weight.T @ u).abs().max() < 1e-5
@@ -81,8 +109,19 @@ def test_bad_inputs_give_one_line_and_leave_no_output(saved_model, prompt_files,
 
 def test_wrong_width_direction_and_nan_model(saved_model, prompt_files, tmp_path, capsys):
     Direction(torch.ones(48), 1, -1).save(tmp_path / "wide")
-    _fails(["orthogonalize", "--model", str(saved_model), "--direction", str(tmp_path / "wide"),
-            "--out", str(tmp_path / "o")], capsys, "hidden size is 32")  # fmt: skip
+    _fails(
+        [
+            "orthogonalize",
+            "--model",
+            str(saved_model),
+            "--direction",
+            str(tmp_path / "wide"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+        "hidden size is 32",
+    )
     assert not (tmp_path / "o").exists()
 
     model = AutoModelForCausalLM.from_pretrained(saved_model)

@@ -146,8 +146,9 @@ def test_selection_explains_when_nothing_survives(llama, tokenizer):
 
 def test_compute_direction_and_artifact_round_trip(llama, tokenizer, tmp_path):
     cfg = DirectionConfig(filter_data=False, selection=SelectionConfig(kl_threshold=1e9, induce_threshold=-1e9))
-    res = compute_direction(llama, tokenizer, HARMFUL, HARMLESS, HARMFUL[:3], HARMLESS[:3], cfg,
-                            refusal_tokens=[5], progress=False)  # fmt: skip
+    res = compute_direction(
+        llama, tokenizer, HARMFUL, HARMLESS, HARMFUL[:3], HARMLESS[:3], cfg, refusal_tokens=[5], progress=False
+    )
     d = res.direction
     assert d is not None and d.vector.shape == (32,)
     assert torch.equal(d.vector, res.candidates[d.position, d.layer])

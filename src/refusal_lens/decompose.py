@@ -149,9 +149,16 @@ def decompose_direction(
         sparsity_curve=sparsity_curve(r, w_dec, delta_f, ks),
         omp_curve=omp_curve(r, w_dec, ks),
         cosine_with_given_direction=None if direction is None else float(cos(r.float(), direction.float(), dim=0)),
-        extra={"layer": layer, "site": site, "position": position, "n_harmful": len(harmful),
-               "n_harmless": len(harmless), "width": int(w_dec.shape[0]), "r_norm": float(r.norm())},
-    )  # fmt: skip
+        extra={
+            "layer": layer,
+            "site": site,
+            "position": position,
+            "n_harmful": len(harmful),
+            "n_harmless": len(harmless),
+            "width": int(w_dec.shape[0]),
+            "r_norm": float(r.norm()),
+        },
+    )
 
 
 def latents_for_error(curve: Sequence[Sequence[float]], target: float) -> int | None:

@@ -51,14 +51,21 @@ def run_demo(
     model, tokenizer = load_model(model_path)
     text = lambda prompts: [p.instruction for p in prompts]  # noqa: E731
     found = compute_direction(
-        model, tokenizer,
-        text(_split("harmful", "train")), text(_split("harmless", "train")),
-        text(_split("harmful", "val")), text(_split("harmless", "val")),
+        model,
+        tokenizer,
+        text(_split("harmful", "train")),
+        text(_split("harmless", "train")),
+        text(_split("harmful", "val")),
+        text(_split("harmless", "val")),
         config=DirectionConfig(seed=seed),
-        data_info={"harmful": "organism:harmful:train", "harmless": "organism:harmless:train",
-                   "harmful_val": "organism:harmful:val", "harmless_val": "organism:harmless:val"},
+        data_info={
+            "harmful": "organism:harmful:train",
+            "harmless": "organism:harmless:train",
+            "harmful_val": "organism:harmful:val",
+            "harmless_val": "organism:harmless:val",
+        },
         progress=progress,
-    )  # fmt: skip
+    )
     direction = found.direction
     if direction is None:
         raise UserError(f"direction selection failed on the organism:\n{found.selection.explanation}")
@@ -70,27 +77,38 @@ def run_demo(
     random_dir = torch.randn(direction.vector.shape, generator=gen)
     random_dir = random_dir / random_dir.norm() * direction.vector.norm()
     conditions["random_ablation"] = lambda: ablate_direction(model, random_dir)
-    conditions["random_addition"] = lambda: add_direction(
-        model, random_dir, direction.layer, 1.0, ADDITION_POSITIONS
-    )  # fmt: skip
+    conditions["random_addition"] = lambda: add_direction(model, random_dir, direction.layer, 1.0, ADDITION_POSITIONS)
     descriptions["random_ablation"] = {"intervention": "ablate", "direction": "random, same norm (control)"}
     descriptions["random_addition"] = {
-        "intervention": "add", "layer": direction.layer, "direction": "random, same norm (control)",
+        "intervention": "add",
+        "layer": direction.layer,
+        "direction": "random, same norm (control)",
         "positions": ADDITION_POSITIONS,
-    }  # fmt: skip
+    }
 
     from .organism import chat_pairs, plain_text
 
     pairs = [(c["instruction"], c["reply"]) for c in chat_pairs("test") if c.get("kind") == "harmless"]
     settings = EvalSettings(max_new_tokens=max_new_tokens, n_prompts=n_prompts, seed=seed, batch_size=64)
-    sets = {"harmful": _split("harmful", "test"), "harmless": _split("harmless", "test"),
-            "borderline": _split("borderline", "test")}  # fmt: skip
+    sets = {
+        "harmful": _split("harmful", "test"),
+        "harmless": _split("harmless", "test"),
+        "borderline": _split("borderline", "test"),
+    }
     results, completions = evaluate_conditions(
-        model, tokenizer, conditions, sets, settings,
-        refusal_tokens=direction.meta.get("refusal_token_ids"), plain_text=plain_text()[:256],
-        instruction_pairs=pairs, direction=direction, descriptions=descriptions, progress=progress,
+        model,
+        tokenizer,
+        conditions,
+        sets,
+        settings,
+        refusal_tokens=direction.meta.get("refusal_token_ids"),
+        plain_text=plain_text()[:256],
+        instruction_pairs=pairs,
+        direction=direction,
+        descriptions=descriptions,
+        progress=progress,
         return_completions=True,
-    )  # fmt: skip
+    )
     results["selection"] = {
         "explanation": found.selection.explanation if found.selection else "manual",
         "kept": sum(s.kept for s in found.selection.scores) if found.selection else None,

@@ -105,8 +105,10 @@ def refusal_gradient(
     def read_target(x: torch.Tensor) -> None:
         state["R"] = (x[0, target_position] * unit.to(x.device)).sum()
 
-    with torch.enable_grad(), site_hooks(model, {(source_layer, source_site): leaf,
-                                                  (target_layer, "resid_pre"): read_target}, adapter):  # fmt: skip
+    with (
+        torch.enable_grad(),
+        site_hooks(model, {(source_layer, source_site): leaf, (target_layer, "resid_pre"): read_target}, adapter),
+    ):
         model(**batch, use_cache=False, logits_to_keep=1)
         state["R"].backward()
     ids = batch["input_ids"][0].tolist()
@@ -185,10 +187,22 @@ def upstream_features(
         pos = [{"latent": int(k), "score": float(s[k])} for k in order[:top]]
         neg = [{"latent": int(k), "score": float(s[k])} for k in order.flip(0)[:top]]
     return UpstreamResult(
-        prompt=prompt, value=rg.value, positive=pos, negative=neg, tokens=rg.tokens, saliency=rg.saliency(),
-        settings={"source_layer": layer, "source_site": site, "target_layer": target_layer,
-                  "target_position": target_position, "score": score, "aggregate": aggregate, "positions": positions},
-    )  # fmt: skip
+        prompt=prompt,
+        value=rg.value,
+        positive=pos,
+        negative=neg,
+        tokens=rg.tokens,
+        saliency=rg.saliency(),
+        settings={
+            "source_layer": layer,
+            "source_site": site,
+            "target_layer": target_layer,
+            "target_position": target_position,
+            "score": score,
+            "aggregate": aggregate,
+            "positions": positions,
+        },
+    )
 
 
 @torch.no_grad()

@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     summary = run_demo(args.out, args.model, args.n_prompts, args.max_new_tokens, args.seed)
     print(format_summary(summary))
-    print(f"\nwrote {args.out}/results.json, {args.out}/report.html and {args.out}/direction/ "
-          f"in {summary['seconds']['total']:.0f} s")  # fmt: skip
+    print(
+        f"\nwrote {args.out}/results.json, {args.out}/report.html and {args.out}/direction/ "
+        f"in {summary['seconds']['total']:.0f} s"
+    )
     return 0

@@ -52,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
         args,
         selection=dataclass_from_args(SelectionConfig, args, batch_size=args.batch_size),
     )
-    data = {k: getattr(args, k.replace("-", "_")) or f"organism:{k.removesuffix('-val')}"
-            for k in ("harmful", "harmless", "harmful-val", "harmless-val")}  # fmt: skip
+    data = {
+        k: getattr(args, k.replace("-", "_")) or f"organism:{k.removesuffix('-val')}"
+        for k in ("harmful", "harmless", "harmful-val", "harmless-val")
+    }
     result = compute_direction(
         model,
         tokenizer,

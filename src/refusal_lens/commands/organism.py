@@ -8,8 +8,11 @@ import json
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="organism_command", metavar="ACTION", required=True)
-    t = sub.add_parser("train", help="train an organism (about 5-10 CPU minutes) into --out",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    t = sub.add_parser(
+        "train",
+        help="train an organism (about 5-10 CPU minutes) into --out",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     t.add_argument("--out", required=True, help="folder for the checkpoint (a normal HF model folder)")
     t.add_argument("--seed", type=int, default=0, help="seed for the corpus, initialisation and batches")
     t.add_argument("--steps", type=int, default=None, help="override the recipe's number of training steps")
