@@ -47,7 +47,10 @@ def _base_type(annotation: Any) -> type:
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add ``--field-name`` options for every (non-dataclass) field of ``cls``."""
+    """Add ``--field-name`` options for every (non-dataclass) field of ``cls``.
+
+    Defaults are shown by the parser's ``ArgumentDefaultsHelpFormatter``, not repeated in the help text.
+    """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
@@ -63,10 +66,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
                 dest=f.name,
                 action=argparse.BooleanOptionalAction,
                 default=default,
-                help=f"{help_text} (default: {default})",
+                help=help_text,
             )
         else:
-            parser.add_argument(flag, dest=f.name, type=typ, default=default, help=f"{help_text} (default: {default})")
+            parser.add_argument(flag, dest=f.name, type=typ, default=default, help=help_text)
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:

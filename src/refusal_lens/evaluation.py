@@ -49,7 +49,7 @@ from .metrics import (
     reply_kl,
 )
 from .models import model_name
-from .orthogonalize import _refuse_inexact, orthogonalize_model
+from .orthogonalize import project_out_along, refuse_inexact
 from .prompts import ChatFormatter
 from .scoring import detect_refusal_tokens, last_logits
 
@@ -90,28 +90,50 @@ class EvalSettings:
 
 
 # --------------------------------------------------------------------------------------------- conditions
-@contextmanager
-def orthogonalized_weights(model: nn.Module, direction: torch.Tensor, force: bool = False) -> Iterator[None]:
-    """Orthogonalize the weights in place for the block and restore them exactly afterwards.
+class OrthogonalizedWeights:
+    """Context factory for weight orthogonalization: ``W ← W − r̂ r̂ᵀ W`` on every residual writer.
 
-    Lets the orthogonalized model be evaluated like any hook intervention without a second copy of the
-    model; only the edited matrices are backed up (on their own device).
+    The edited matrices are computed once (on first entry) and swapped in and out by reference, so entering the
+    context per batch costs nothing and the original weights come back bit for bit. The price is one extra
+    copy of the residual-writing matrices (embedding, attention out- and MLP down-projections). Tied
+    input/output embeddings are untied inside the block only, so the unembedding is never edited.
+
+    Example:
+        >>> factory = OrthogonalizedWeights(model, direction.vector)          # doctest: +SKIP
+        >>> with factory():                                                    # doctest: +SKIP
+        ...     model.generate(**batch)
     """
-    adapter = get_adapter(model)
-    _refuse_inexact(adapter, force)
-    tied = adapter.tied_embeddings()
-    backup = {id(w.param): (w.param, w.param.detach().clone()) for w in adapter.residual_writers()}
-    try:
-        orthogonalize_model(model, direction, force=force)
-        yield
-    finally:
-        with torch.no_grad():
-            for param, saved in backup.values():
-                param.copy_(saved)
-        if tied:  # orthogonalize_model untied them; share the (restored) embedding again
-            adapter = get_adapter(model)
-            adapter.lm_head.weight = adapter.embed.weight
-            model.config.tie_word_embeddings = True
+
+    def __init__(self, model: nn.Module, direction: torch.Tensor, force: bool = False):
+        refuse_inexact(get_adapter(model), force)
+        self.model, self.direction = model, direction
+        self._edited: list[torch.Tensor] | None = None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        adapter = get_adapter(self.model)
+        writers = adapter.residual_writers()
+        if self._edited is None:
+            unit = self.direction.double() / self.direction.double().norm()
+            self._edited = [project_out_along(w.param.data, unit, w.axis) for w in writers]
+        tied = adapter.tied_embeddings()
+        originals = [w.param.data for w in writers]
+        if tied:  # give the unembedding its own Parameter on the (unedited) original storage
+            adapter.lm_head.weight = nn.Parameter(adapter.embed.weight.data, requires_grad=False)
+        try:
+            for w, edited in zip(writers, self._edited):
+                w.param.data = edited
+            yield
+        finally:
+            for w, original in zip(writers, originals):
+                w.param.data = original
+            if tied:
+                adapter.lm_head.weight = adapter.embed.weight
+
+
+def orthogonalized_weights(model: nn.Module, direction: torch.Tensor, force: bool = False):
+    """One-off context manager form of :class:`OrthogonalizedWeights` (weights restored on exit)."""
+    return OrthogonalizedWeights(model, direction, force)()
 
 
 def standard_conditions(
@@ -144,8 +166,7 @@ def standard_conditions(
         info["addition"] = {"intervention": "add", "layer": direction.layer, "coeff": coeff, "positions": pos}
     if "orthogonalize" in interventions:
         try:
-            _refuse_inexact(get_adapter(model), False)
-            conds["orthogonalized"] = lambda: orthogonalized_weights(model, r)
+            conds["orthogonalized"] = OrthogonalizedWeights(model, r)
             info["orthogonalized"] = {"intervention": "orthogonalize"}
         except UserError as exc:
             info["orthogonalized"] = {"intervention": "orthogonalize", "skipped": str(exc)}

@@ -24,17 +24,23 @@ from safetensors.torch import load_file, save_file
 from .errors import UserError
 
 PathLike = str | os.PathLike
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextmanager
-def _atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
+
+    For writers that need a file name (``save_file``, matplotlib): write to the yielded path.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts get the usual permissions
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -43,7 +49,7 @@ def _atomic_path(path: PathLike) -> Iterator[Path]:
 
 def atomic_write_text(path: PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (UTF-8)."""
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
@@ -68,7 +74,7 @@ def atomic_save_safetensors(
 ) -> None:
     """Save ``tensors`` as safetensors atomically (tensors are made contiguous and moved to CPU)."""
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file(clean, str(tmp), metadata=dict(metadata) if metadata else None)
 
 
@@ -106,6 +112,7 @@ def staging_dir(out_dir: PathLike, overwrite: bool = True) -> Iterator[Path]:
         raise UserError(f"output folder {target} already exists; choose another --out or remove it.")
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    os.chmod(stage, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders
     try:
         yield stage
     except BaseException:

@@ -51,7 +51,8 @@ def project_out_along(tensor: torch.Tensor, unit: torch.Tensor, axis: int, chunk
     return out.movedim(-1, axis).contiguous()
 
 
-def _refuse_inexact(adapter: ArchitectureAdapter, force: bool) -> None:
+def refuse_inexact(adapter: ArchitectureAdapter, force: bool) -> None:
+    """Raise unless the weight edit is exact for this family (or ``force`` is set)."""
     if adapter.post_norms and not force:
         raise UserError(
             f"{adapter.family!r} normalises sublayer outputs after the matrices this edit changes, so weight "
@@ -75,7 +76,7 @@ def untie_embeddings(model: nn.Module, adapter: ArchitectureAdapter | None = Non
 def orthogonalize_model(model: nn.Module, direction: torch.Tensor, force: bool = False) -> list[str]:
     """Orthogonalize ``model``'s residual writers against ``direction`` in place; returns the edited names."""
     adapter = get_adapter(model)
-    _refuse_inexact(adapter, force)
+    refuse_inexact(adapter, force)
     untie_embeddings(model, adapter)
     unit = direction.double() / direction.double().norm()
     edited = []
@@ -140,7 +141,7 @@ def orthogonalize_checkpoint(
     else:
         raise UserError(f"model folder {src_dir} has no safetensors weights; convert it with save_pretrained first.")
     axes, adapter, embed_name = _writer_axes(src_dir, trust_remote_code)
-    _refuse_inexact(adapter, force)
+    refuse_inexact(adapter, force)
     if direction.shape != (adapter.d_model,):
         raise UserError(
             f"direction has shape {list(direction.shape)} but the model's hidden size is {adapter.d_model}; "

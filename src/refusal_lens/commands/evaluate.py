@@ -55,6 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--judge-model", default=None, help="local HF model folder used as an extra judge")
     g.add_argument("--judge-mode", choices=("auto", "chat", "classifier"), default="auto", help="how to use it")
     g.add_argument("--judge-kind", choices=("auto", "refusal", "safety"), default="auto", help="what it answers")
+    g.add_argument(
+        "--judge-method",
+        choices=("logits", "generate"),
+        default=None,
+        help="chat judges: compare answer-token logits, or generate and read the answer (default: generate for "
+        "safety judges, logits otherwise)",
+    )
     g.add_argument("--judge-label", default=None, help="classifier label meaning refusal/unsafe (default: guessed)")
     g = p.add_argument_group("evaluation")
     add_dataclass_arguments(g, EvalSettings)
@@ -95,9 +102,14 @@ def _read_records(path: str, what: str) -> list[Any]:
     return [line for line in text.split("\n\n") if line.strip()]  # plain text: blank-line separated documents
 
 
+def _organism_data(args: argparse.Namespace) -> bool:
+    """Whether the organism's corpus supplies the CE data (the organism, or organism prompt sets)."""
+    return args.model is None or str(args.harmful or "").startswith("organism:")
+
+
 def _plain_texts(args: argparse.Namespace) -> list[str] | None:
     if args.plain_text is None:
-        if args.model is None:
+        if _organism_data(args):
             from ..organism import plain_text
 
             return plain_text()
@@ -112,7 +124,7 @@ def _plain_texts(args: argparse.Namespace) -> list[str] | None:
 
 def _pairs(args: argparse.Namespace) -> list[tuple[str, str]] | None:
     if args.instruction_data is None:
-        if args.model is None:
+        if _organism_data(args):
             from ..organism import chat_pairs
 
             return [(c["instruction"], c["reply"]) for c in chat_pairs("test") if c["kind"] == "harmless"]
@@ -153,7 +165,12 @@ def run(args: argparse.Namespace) -> int:
 
         judges.append(
             load_model_judge(
-                args.judge_model, mode=args.judge_mode, kind=args.judge_kind, device=args.device, label=args.judge_label
+                args.judge_model,
+                mode=args.judge_mode,
+                kind=args.judge_kind,
+                device=args.device,
+                label=args.judge_label,
+                **({"method": args.judge_method} if args.judge_method else {}),
             )
         )
     model, tokenizer = load_model_from_args(args)
@@ -186,8 +203,8 @@ def run(args: argparse.Namespace) -> int:
         "harmful": args.harmful or "organism:harmful:test",
         "harmless": args.harmless or "organism:harmless:test",
         "borderline": args.borderline or ("organism:borderline:test" if args.model is None else None),
-        "plain_text": args.plain_text or ("organism:plain_text" if args.model is None else None),
-        "instruction_data": args.instruction_data or ("organism:chat_pairs:test" if args.model is None else None),
+        "plain_text": args.plain_text or ("organism:plain_text" if _organism_data(args) else None),
+        "instruction_data": args.instruction_data or ("organism:chat_pairs:test" if _organism_data(args) else None),
     }
     extra = {"command": "evaluate", "model": args.model or "organism", "direction": args.direction}
     save_evaluation(args.out, results, completions, extra, args.direction, report=not args.no_report)
