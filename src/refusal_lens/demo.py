@@ -109,6 +109,10 @@ def run_demo(
         progress=progress,
         return_completions=True,
     )
+    results["sae_lens"] = _sae_lens(model, tokenizer, direction, sets, settings, progress)
+    ablated = results["conditions"].get("ablation", {}).get("harmful", {}).get("refusal_rate")
+    for item in results["sae_lens"].get("latent_ablation", []):
+        item["direction_ablation"] = ablated
     results["selection"] = {
         "explanation": found.selection.explanation if found.selection else "manual",
         "kept": sum(s.kept for s in found.selection.scores) if found.selection else None,
@@ -126,6 +130,29 @@ def run_demo(
     return summary
 
 
+def _sae_lens(model: Any, tokenizer: Any, direction: Any, sets: dict, settings: EvalSettings, progress: bool) -> Any:
+    """The SAE-lens analyses with the organism's shipped SAEs (skipped, with the reason, if they are absent)."""
+    from .lens_pipeline import run_sae_lens
+    from .organism import shipped_saes
+
+    try:
+        saes = shipped_saes()
+    except UserError as exc:
+        return {"skipped": str(exc)}
+    ids = direction.meta.get("refusal_token_ids")
+
+    def rates(conditions: dict, prompts: list | None = None) -> dict[str, float]:
+        quick = EvalSettings(max_new_tokens=settings.max_new_tokens, n_prompts=settings.n_prompts, seed=settings.seed,
+                             batch_size=settings.batch_size, kl=False, ce=False)  # fmt: skip
+        res = evaluate_conditions(model, tokenizer, conditions, {"harmful": prompts or sets["harmful"]}, quick,
+                                  refusal_tokens=ids, progress=progress)  # fmt: skip
+        return {c: res["conditions"][c]["harmful"]["refusal_rate"] for c in conditions}
+
+    at_direction = {k: v for k, v in saes.items() if k != "upstream"}
+    return run_sae_lens(model, tokenizer, direction, at_direction, sets["harmful"], sets["harmless"],
+                        sets["borderline"], upstream_sae=saes["upstream"], evaluate_harmful=rates)  # fmt: skip
+
+
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """Refusal rates per condition and set, KL on harmless prompts, in a compact dict."""
     rows = {}
@@ -135,7 +162,10 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         }
         if entry.get("kl_harmless") is not None:
             rows[cond]["kl_harmless"] = entry["kl_harmless"]
-    return {"direction": results["direction"], "rates": rows}
+    lens = results.get("sae_lens") or {}
+    saes = {d["name"]: {k: d[k] for k in ("cosine", "relative_error", "max_single_latent_cosine")}
+            for d in lens.get("decomposition", [])}  # fmt: skip
+    return {"direction": results["direction"], "rates": rows, "saes": saes, "sae_lens_skipped": lens.get("skipped")}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -149,4 +179,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         cells.append(f"{row['borderline']:>12.1%}" if "borderline" in row else f"{'-':>12}")
         cells.append(f"{kl:>14.4f}" if isinstance(kl, float) else f"{'-':>14}")
         lines.append(f"{cond:<18}" + "".join(cells))
+    if summary.get("saes"):
+        lines += ["", f"{'SAE':<18}{'cos(r_SAE, r)':>14}{'rel. error':>12}{'best latent cos':>17}"]
+        for name, d in summary["saes"].items():
+            lines.append(
+                f"{name:<18}{d['cosine']:>14.3f}{d['relative_error']:>12.3f}{d['max_single_latent_cosine']:>17.3f}"
+            )
+    elif summary.get("sae_lens_skipped"):
+        lines += ["", f"(SAE lens skipped: {summary['sae_lens_skipped']})"]
     return "\n".join(lines)

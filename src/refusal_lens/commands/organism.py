@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..config_args import add_dataclass_arguments, dataclass_from_args
+from ..organism.artifacts import ArtifactRecipe
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="organism_command", metavar="ACTION", required=True)
@@ -17,10 +20,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed for the corpus, initialisation and batches")
     t.add_argument("--steps", type=int, default=None, help="override the recipe's number of training steps")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = sub.add_parser(
+        "artifacts",
+        help="rebuild the organism's shipped direction and its two SAEs (chat data vs plain text)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a.add_argument("--checkpoint", default=None, help="organism folder to write into (default: the shipped one)")
+    add_dataclass_arguments(a, ArtifactRecipe)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..organism import train_organism
+
+    if args.organism_command == "artifacts":
+        from ..organism import path
+        from ..organism.artifacts import build_artifacts
+
+        recipe = dataclass_from_args(ArtifactRecipe, args)
+        print(json.dumps(build_artifacts(args.checkpoint or path(), recipe), indent=2))
+        return 0
 
     info = train_organism(args.out, seed=args.seed, steps=args.steps, quiet=args.quiet)
     print(json.dumps(info.get("behaviour", info), indent=2)[:2000])

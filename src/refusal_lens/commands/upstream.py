@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--prompt", action="append", required=True, help="the prompt to explain (repeat for several)")
     p.add_argument("--direction", default=None, help="direction.safetensors (default: the organism's shipped one)")
-    p.add_argument("--sae", default=None, help="SAE at the source layer (default: the organism's chat-data SAE)")
+    p.add_argument("--sae", default=None, help="SAE at the source layer (default: the organism's upstream SAE)")
     p.add_argument("--no-sae", action="store_true", help="raw gradient and token saliency only")
     p.add_argument("--target-layer", type=int, default=None, help="layer L of R (default: the direction's layer)")
     p.add_argument("--target-position", type=int, default=-1, help="prompt position of R (-1: last token)")
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None and (args.direction is None or (args.sae is None and not args.no_sae)):
         raise UserError("--direction and --sae (or --no-sae) are required when --model is given.")
     direction = Direction.load(args.direction or shipped_direction(), model=model)
-    sae = None if args.no_sae else load_sae(args.sae or shipped_saes()["chat"], d_model=direction.vector.shape[0])
+    sae = None if args.no_sae else load_sae(args.sae or shipped_saes()["upstream"], d_model=direction.vector.shape[0])
     target = direction.layer if args.target_layer is None else args.target_layer
     fmt = ChatFormatter(tokenizer, system=args.system, chat_template=chat_template_from_args(args))
     entries = []

@@ -130,6 +130,7 @@ def render_html(
     completions: Sequence[Mapping[str, Any]],
     figures: Mapping[str, tuple[bytes, str]],
     selection: Mapping[str, Any] | None = None,
+    lens_figures: Mapping[str, tuple[bytes, str]] | None = None,
 ) -> str:
     """The report page. ``figures`` maps a name to ``(png bytes, caption)``."""
     direction = results.get("direction")
@@ -143,6 +144,12 @@ def render_html(
     if selection and selection.get("explanation"):
         notes += f"<p class='meta pre'>Selection: {_e(selection['explanation'])}</p>"
     figs = "".join(_img(name, png, caption) for name, (png, caption) in figures.items())
+    lens = ""
+    if results.get("sae_lens"):
+        from .lens import lens_section
+
+        tags = "".join(_img(name, png, caption) for name, (png, caption) in (lens_figures or {}).items())
+        lens = lens_section(results["sae_lens"], tags)
     css = _CSS.read_text(encoding="utf-8")
     tokens = ", ".join(repr(t) for t in (results.get("refusal_tokens") or {}).get("tokens", []))
     return f"""<!DOCTYPE html>
@@ -163,6 +170,7 @@ over the baseline's reply, teacher-forced). CE loss in nats/token.</p>
 {figs}
 <h2>Judges</h2>
 {_judge_table(results)}
+{lens}
 <h2>Example completions</h2>
 <p class="meta">R = the judge says refused. Cells are coloured by the primary judge.</p>
 {_examples(results, completions)}
@@ -205,9 +213,15 @@ def build_report(results_dir: str | os.PathLike, out: str | os.PathLike | None =
     heat = F.candidate_heatmaps(selection) if selection else None
     if heat:
         figs["candidates"] = (heat, "Direction candidates by layer and position (star = chosen)")
-    for name, (png, _) in figs.items():
+    lens_figs: dict[str, tuple[bytes, str]] = {}
+    decomposition = (results.get("sae_lens") or {}).get("decomposition")
+    if decomposition:
+        from .lens import decomposition_figure
+
+        lens_figs["decomposition"] = (decomposition_figure(decomposition), "Sparsity of the direction in each SAE")
+    for name, (png, _) in {**figs, **lens_figs}.items():
         with atomic_path(folder / "figures" / f"{name}.png") as tmp:
             tmp.write_bytes(png)
     target = Path(out) if out else folder / "report.html"
-    atomic_write_text(target, render_html(results, completions, figs, selection))
+    atomic_write_text(target, render_html(results, completions, figs, selection, lens_figs))
     return target
