@@ -11,7 +11,7 @@ from refusal_lens.direction import Direction, DirectionConfig, compute_direction
 from refusal_lens.errors import UserError
 from refusal_lens.prompts import ChatFormatter
 from refusal_lens.scoring import kl_divergence, refusal_score_from_logits
-from refusal_lens.selection import SelectionConfig, select_direction
+from refusal_lens.selection import SelectionConfig, fallback_without_induce, select_direction
 from refusal_lens.testing import random_model
 
 from .conftest import HARMFUL, HARMLESS
@@ -142,6 +142,25 @@ def test_selection_explains_when_nothing_survives(llama, tokenizer):
     assert "no candidate passed" in result.explanation
     assert "kl > 0.0" in result.explanation and "closest candidates" in result.explanation
     assert "--kl-threshold" in result.explanation
+
+
+def test_fallback_picks_the_best_candidate_failing_only_the_induce_filter(llama, tokenizer):
+    fmt = ChatFormatter(tokenizer)
+    cands = torch.randn(fmt.n_eoi, 4, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cfg = SelectionConfig(kl_threshold=1e9, induce_threshold=1e9, prune=False)
+    result = select_direction(llama, fmt, cands, HARMFUL[:3], HARMLESS[:3], [5], cfg, progress=False)
+    assert result.chosen is None
+    pick = fallback_without_induce(result)
+    only_induce = [s for s in result.scores if s.removed_by and all(r.startswith("induce") for r in s.removed_by)]
+    assert pick is min(only_induce, key=lambda s: s.bypass) and pick.layer < 3  # layer filter still applies
+    cfg_no = SelectionConfig(kl_threshold=0.0, induce_threshold=1e9)
+    result = select_direction(llama, fmt, cands, HARMFUL[:3], HARMLESS[:3], [5], cfg_no, progress=False)
+    assert fallback_without_induce(result) is None  # KL failures are never rescued
+    config = DirectionConfig(filter_data=False, fallback_drop_induce=True, selection=cfg)
+    res = compute_direction(
+        llama, tokenizer, HARMFUL, HARMLESS, HARMFUL[:3], HARMLESS[:3], config, refusal_tokens=[5], progress=False
+    )
+    assert res.direction.meta["selected_by"].startswith("fallback") and "FALLBACK" in res.selection.explanation
 
 
 def test_compute_direction_and_artifact_round_trip(llama, tokenizer, tmp_path):

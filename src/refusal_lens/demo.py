@@ -29,7 +29,7 @@ from .interventions import ablate_direction, add_direction
 from .io import atomic_write_json, staging_dir
 from .models import load_model
 
-ADDITION_POSITIONS = "prompt"  # adding at prompt positions only gives clean single refusals (SPEC §6)
+ADDITION_POSITIONS = "all"  # the paper adds at every position, generated tokens included
 
 
 def _split(kind: str, split: str) -> list[Prompt]:
@@ -57,7 +57,7 @@ def run_demo(
         text(_split("harmless", "train")),
         text(_split("harmful", "val")),
         text(_split("harmless", "val")),
-        config=DirectionConfig(seed=seed),
+        config=DirectionConfig(seed=seed, fallback_drop_induce=True),
         data_info={
             "harmful": "organism:harmful:train",
             "harmless": "organism:harmless:train",
@@ -115,6 +115,7 @@ def run_demo(
         item["direction_ablation"] = ablated
     results["selection"] = {
         "explanation": found.selection.explanation if found.selection else "manual",
+        "selected_by": direction.meta.get("selected_by"),
         "kept": sum(s.kept for s in found.selection.scores) if found.selection else None,
         "n_candidates": len(found.selection.scores) if found.selection else None,
     }
@@ -165,12 +166,16 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     lens = results.get("sae_lens") or {}
     saes = {d["name"]: {k: d[k] for k in ("cosine", "relative_error", "max_single_latent_cosine")}
             for d in lens.get("decomposition", [])}  # fmt: skip
-    return {"direction": results["direction"], "rates": rows, "saes": saes, "sae_lens_skipped": lens.get("skipped")}
+    return {
+        "direction": results["direction"] | {"selected_by": (results.get("selection") or {}).get("selected_by")},
+        "rates": rows, "saes": saes, "sae_lens_skipped": lens.get("skipped"),
+    }  # fmt: skip
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     d = summary["direction"]
-    lines = [f"refusal direction: layer {d['layer']}, position {d['position']} (norm {d['norm']:.2f})", ""]
+    how = f", {d['selected_by']}" if d.get("selected_by") and d["selected_by"] != "selection" else ""
+    lines = [f"refusal direction: layer {d['layer']}, position {d['position']} (norm {d['norm']:.2f}{how})", ""]
     lines.append(f"{'condition':<18}{'harmful':>9}{'harmless':>10}{'borderline':>12}{'KL(harmless)':>14}")
     for cond, row in summary["rates"].items():
         kl = row.get("kl_harmless")

@@ -31,7 +31,7 @@ from .io import atomic_save_safetensors, atomic_write_json, load_safetensors, pr
 from .models import model_name
 from .prompts import ChatFormatter
 from .scoring import detect_refusal_tokens, last_logits, refusal_score_from_logits
-from .selection import SelectionConfig, SelectionResult, select_direction
+from .selection import SelectionConfig, SelectionResult, fallback_without_induce, select_direction
 
 ARTIFACT_VERSION = 1
 
@@ -123,6 +123,8 @@ class DirectionConfig:
     """Skip selection and use this layer (with --position)."""
     position: int | None = None
     """Skip selection and use this post-instruction position (negative, -1 = last token)."""
+    fallback_drop_induce: bool = False
+    """If no candidate passes, use the best one that fails only the induce filter (flagged in the output)."""
     selection: SelectionConfig = field(default_factory=SelectionConfig)
 
 
@@ -240,9 +242,18 @@ def compute_direction(
         model, fmt, candidates, sets["harmful_val"], sets["harmless_val"], ids, cfg.selection, progress
     )
     info["selection"] = selection.to_json()
-    if selection.chosen is None:
-        return DirectionResult(None, selection, candidates.float(), info)
     c = selection.chosen
+    if c is None and cfg.fallback_drop_induce:
+        c = fallback_without_induce(selection)
+        if c is not None:
+            selection.explanation += (
+                f"\nFALLBACK: using position {c.position}, layer {c.layer} (bypass {c.bypass:.3f}, induce "
+                f"{c.induce:.3f}, kl {c.kl:.4f}), which fails only the induce filter."
+            )
+            info["selection"] = selection.to_json() | {"fallback": "induce filter dropped"}
+    if c is None:
+        return DirectionResult(None, selection, candidates.float(), info)
     vec = candidates[c.position, c.layer].float()
-    chosen = Direction(vec, c.layer, c.position, candidates.float(), {**info, "selected_by": "selection"})
+    how = "selection" if selection.chosen is not None else "fallback: induce filter dropped"
+    chosen = Direction(vec, c.layer, c.position, candidates.float(), {**info, "selected_by": how})
     return DirectionResult(chosen, selection, candidates.float(), info)

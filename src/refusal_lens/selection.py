@@ -190,6 +190,21 @@ def select_direction(
     return result
 
 
+def fallback_without_induce(result: SelectionResult) -> CandidateScore | None:
+    """When nothing passed, the lowest-bypass candidate removed *only* by the induce filter (or None).
+
+    Such a candidate still passes the KL and layer filters; it bypasses refusal but adding it alone does
+    not push the mean harmless refusal score above the threshold. Callers must say that they used it.
+    """
+    if result.chosen is not None:
+        return None
+    only_induce = [
+        s for s in result.scores
+        if s.removed_by and all(r.startswith("induce <") for r in s.removed_by) and s.bypass is not None
+    ]  # fmt: skip
+    return min(only_induce, key=lambda s: s.bypass) if only_induce else None
+
+
 def explain(result: SelectionResult, top: int = 5) -> str:
     """A human-readable account of the selection: the choice, or why nothing survived."""
     if result.chosen is not None:
