@@ -161,8 +161,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         rows[cond] = {
             name: entry[name]["refusal_rate"] for name in ("harmful", "harmless", "borderline") if name in entry
         }
-        if entry.get("kl_harmless") is not None:
-            rows[cond]["kl_harmless"] = entry["kl_harmless"]
+        if entry.get("kl_harmless_answered") is not None:
+            rows[cond]["kl_harmless"] = entry["kl_harmless_answered"]
     lens = results.get("sae_lens") or {}
     saes = {d["name"]: {k: d[k] for k in ("cosine", "relative_error", "max_single_latent_cosine")}
             for d in lens.get("decomposition", [])}  # fmt: skip
@@ -176,7 +176,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     d = summary["direction"]
     how = f", {d['selected_by']}" if d.get("selected_by") and d["selected_by"] != "selection" else ""
     lines = [f"refusal direction: layer {d['layer']}, position {d['position']} (norm {d['norm']:.2f}{how})", ""]
-    lines.append(f"{'condition':<18}{'harmful':>9}{'harmless':>10}{'borderline':>12}{'KL(harmless)':>14}")
+    lines.append(f"{'condition':<18}{'harmful':>9}{'harmless':>10}{'borderline':>12}{'KL(answered)':>14}")
     for cond, row in summary["rates"].items():
         kl = row.get("kl_harmless")
         cells = [f"{row.get(k, float('nan')):>9.1%}" if k in row else f"{'-':>9}" for k in ("harmful",)]

@@ -311,14 +311,22 @@ def _divergence(
     if not cfg.kl or baseline is None or "harmless" not in sets:
         return {"kl_harmless": None, "kl_harmless_reply": None}
     if cond == baseline or factory is None:
-        return {"kl_harmless": 0.0, "kl_harmless_reply": {"mean": 0.0, "mean_per_reply": 0.0, "max": 0.0}}
+        zero = {"mean": 0.0, "mean_per_reply": 0.0, "max": 0.0}
+        return {"kl_harmless": 0.0, "kl_harmless_answered": 0.0, "kl_harmless_reply": zero}
     prompts = [p.instruction for p in sets["harmless"]]
     base_logits = last_logits(model, fmt, prompts, cfg.batch_size)
     first = first_token_kl(model, fmt, prompts, factory, cfg.batch_size, baseline=base_logits)
     rows = completion_rows(fmt, base_reply["harmless"])
     pad = tokenizer.pad_token_id or 0
     reply = reply_kl(model, rows, factory, max(1, cfg.batch_size // 2), pad) if rows else None
-    return {"kl_harmless": sum(first) / len(first), "kl_harmless_reply": reply}
+    # The mean over all harmless prompts includes those the baseline wrongly refuses, where a large change
+    # is the intended effect of removing refusal; the mean over the ones it answers measures collateral damage.
+    answered = [kl for kl, c in zip(first, base_reply["harmless"]) if not c.judgements.get(cfg.primary_judge)]
+    return {
+        "kl_harmless": sum(first) / len(first),
+        "kl_harmless_answered": sum(answered) / len(answered) if answered else None,
+        "kl_harmless_reply": reply,
+    }
 
 
 def _subset(items: Sequence[Any], n: int, seed: int) -> list[Any]:

@@ -129,8 +129,15 @@ def run_sae_lens(
     for p in borderline:
         per_category.setdefault(p.category or "", p)
     marked = []
-    for category, prompt in list(per_category.items())[:n_borderline]:
-        res = upstream_features(model, fmt, prompt.instruction, direction.vector, direction.layer, sae, top=5)
+    # Two readings of the gradient: the paper's dot product averaged over all positions, and the
+    # attribution (activation × gradient) over the instruction's own tokens, which credits the concepts
+    # actually present in the prompt rather than directions the template positions are sensitive to.
+    variants = (("dot", "all"), ("attribution", "instruction"))
+    for (category, prompt), (score, positions) in (
+        (cp, v) for cp in list(per_category.items())[:n_borderline] for v in variants
+    ):
+        res = upstream_features(model, fmt, prompt.instruction, direction.vector, direction.layer, sae,
+                                score=score, positions=positions, top=5)  # fmt: skip
         entry = res.to_json() | {"category": category, "sae": name}
         top = res.positive[0]["latent"]
         harm_category = category.removeprefix("borderline:")

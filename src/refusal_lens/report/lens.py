@@ -80,7 +80,9 @@ def lens_section(lens: Mapping[str, Any], figure_tags: str = "") -> str:
         pos = ", ".join(f"{_esc(x['latent'])} ({x['score']:+.3g})" for x in up["positive"][:5])
         neg = ", ".join(f"{_esc(x['latent'])} ({x['score']:+.3g})" for x in up["negative"][:5])
         parts.append(
-            f"<h3>Upstream of refusal: {_esc(up['prompt'])}</h3><p class='meta'>R = {up['value']:.3f}; "
+            f"<h3>Upstream of refusal: {_esc(up['prompt'])}</h3><p class='meta'>"
+            f"{_esc(up.get('settings', {}).get('score'))} over {_esc(up.get('settings', {}).get('positions'))} "
+            f"positions; R = {up['value']:.3f}; "
             f"towards refusal: {pos}; against: {neg}</p>"
         )
     for dash in lens.get("dashboards") or []:
