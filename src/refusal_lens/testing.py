@@ -12,14 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}<|system|>\n{{ m['content'] }}<|end|>\n"
-    "{% elif m['role'] == 'user' %}<|user|>\n{{ m['content'] }}<|end|>\n"
-    "{% else %}<|assistant|>\n{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+from .organism.tokenizer import CHAT_TEMPLATE  # the organism's template (optional system turn)
+
 FAMILIES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "olmo2",
     "qwen2_moe", "mixtral",
@@ -33,29 +27,15 @@ _TEXT = (
 
 
 def toy_tokenizer(vocab_size: int = 300, chat_template: str | None = CHAT_TEMPLATE) -> object:
-    """A byte-level BPE tokenizer with chat special tokens, trained in milliseconds on a toy text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE tokenizer with the organism's chat tokens, trained in milliseconds on a toy text.
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([_TEXT] * 4, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|bos|>",
-        eos_token="<|end|>",
-        pad_token="<|pad|>",
-        padding_side="left",
-    )
-    if chat_template:
-        fast.chat_template = chat_template
-    return fast
+    ``chat_template=None`` gives a tokenizer without a chat template (to test that error path).
+    """
+    from .organism.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([_TEXT] * 4, vocab_size)
+    tok.chat_template = chat_template
+    return tok
 
 
 def _config(family: str, n_layers: int, d_model: int, n_heads: int, vocab: int, tied: bool | None) -> object:
