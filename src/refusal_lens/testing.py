@@ -16,7 +16,7 @@ from .organism.tokenizer import CHAT_TEMPLATE  # the organism's template (option
 
 FAMILIES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "olmo2",
-    "qwen2_moe", "mixtral",
+    "qwen2_moe", "mixtral", "qwen3_moe", "granite", "gemma3_text",
 )  # fmt: skip
 
 _TEXT = (
@@ -53,6 +53,15 @@ def _config(family: str, n_layers: int, d_model: int, n_heads: int, vocab: int, 
             **llama_like, moe_intermediate_size=d_model, shared_expert_intermediate_size=d_model,
             num_experts=4, num_experts_per_tok=2,
         )  # fmt: skip
+    elif family == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(
+            **llama_like, head_dim=d_model // n_heads, moe_intermediate_size=d_model, num_experts=4,
+            num_experts_per_tok=2,
+        )  # fmt: skip
+    elif family == "gemma3_text":
+        cfg = tf.Gemma3TextConfig(**llama_like, head_dim=d_model // n_heads, query_pre_attn_scalar=d_model // n_heads)
+    elif family == "granite":
+        cfg = tf.GraniteConfig(**llama_like, residual_multiplier=0.5, embedding_multiplier=2.0, logits_scaling=2.0)
     elif family == "mixtral":
         cfg = tf.MixtralConfig(**llama_like, num_local_experts=4, num_experts_per_tok=2)
     elif family == "gemma2":
