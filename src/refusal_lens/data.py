@@ -16,8 +16,10 @@ import csv
 import json
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import UserError
 
@@ -33,6 +35,7 @@ INSTRUCTION_COLUMNS = (
 )
 CATEGORY_COLUMNS = ("category", "Category", "SemanticCategory", "semantic_category")
 ORGANISM_PREFIX = "organism:"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -88,10 +91,12 @@ def load_prompts(
     return prompts
 
 
-def sample(prompts: list[Prompt], n: int, seed: int = 0) -> list[Prompt]:
-    """A deterministic sample of ``n`` prompts, in their original order."""
-    keep = sorted(random.Random(seed).sample(range(len(prompts)), n))
-    return [prompts[i] for i in keep]
+def sample(items: Sequence[T], n: int, seed: int = 0) -> list[T]:
+    """A deterministic sample of ``n`` items in their original order (all of them when there are fewer)."""
+    items = list(items)
+    if n >= len(items):
+        return items
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
 
 
 def _load_file(path: Path, column: str | None) -> list[Prompt]:

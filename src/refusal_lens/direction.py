@@ -26,6 +26,7 @@ from torch import nn
 
 from .activations import mean_activations
 from .adapters import get_adapter
+from .data import sample
 from .errors import UserError
 from .io import atomic_save_safetensors, atomic_write_json, load_safetensors, provenance, read_json
 from .models import model_name
@@ -128,13 +129,6 @@ class DirectionConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
 
 
-def _sample(items: Sequence[str], n: int, seed: int) -> list[str]:
-    items = list(items)
-    if len(items) <= n:
-        return items
-    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
-
-
 def _split_val(items: Sequence[str], n_train: int, n_val: int, seed: int) -> tuple[list[str], list[str]]:
     """Carve a validation set out of one list when no separate validation file is given."""
     order = list(range(len(items)))
@@ -142,7 +136,7 @@ def _split_val(items: Sequence[str], n_train: int, n_val: int, seed: int) -> tup
     val_n = min(n_val, max(1, len(items) // 5))
     val = [items[i] for i in sorted(order[:val_n])]
     train = [items[i] for i in sorted(order[val_n:])]
-    return _sample(train, n_train, seed), val
+    return sample(train, n_train, seed), val
 
 
 def _keep_by_behaviour(
@@ -184,10 +178,10 @@ def compute_direction(
     if harmless_val is None:
         harmless, harmless_val = _split_val(harmless, cfg.n_train, cfg.n_val, cfg.seed)
     sets = {
-        "harmful_train": _sample(harmful, cfg.n_train, cfg.seed),
-        "harmless_train": _sample(harmless, cfg.n_train, cfg.seed),
-        "harmful_val": _sample(harmful_val, cfg.n_val, cfg.seed),
-        "harmless_val": _sample(harmless_val, cfg.n_val, cfg.seed),
+        "harmful_train": sample(harmful, cfg.n_train, cfg.seed),
+        "harmless_train": sample(harmless, cfg.n_train, cfg.seed),
+        "harmful_val": sample(harmful_val, cfg.n_val, cfg.seed),
+        "harmless_val": sample(harmless_val, cfg.n_val, cfg.seed),
     }
     ids = (
         list(refusal_tokens)

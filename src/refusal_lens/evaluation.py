@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import os
-import random
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .data import Prompt
+from .data import Prompt, sample
 from .direction import Direction
 from .errors import UserError
 from .generation import Completion, ContextFactory, GenerationSettings, generate, save_completions
@@ -228,7 +227,7 @@ def evaluate_conditions(
         if not items:
             raise UserError(f"the {name} prompt set is empty; give at least one instruction.")
     if cfg.n_prompts is not None:
-        sets = {k: _subset(v, cfg.n_prompts, cfg.seed) for k, v in sets.items()}
+        sets = {k: sample(v, cfg.n_prompts, cfg.seed) for k, v in sets.items()}
     if not conditions:
         raise UserError("no conditions to evaluate; give at least a baseline.")
     texts = {k: [p.instruction for p in v] for k, v in sets.items()}
@@ -329,14 +328,6 @@ def _divergence(
     }
 
 
-def _subset(items: Sequence[Any], n: int, seed: int) -> list[Any]:
-    """A seeded sample of ``n`` items in their original order (all of them when there are fewer)."""
-    items = list(items)
-    if n >= len(items):
-        return items
-    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
-
-
 def _losses(
     model: nn.Module,
     tokenizer: Any,
@@ -353,10 +344,10 @@ def _losses(
     bs = max(1, cfg.batch_size // 2)
     out: dict[str, Any] = {"plain_text": None, "instruction": None, "own_completions": None}
     if plain_text:
-        rows = plain_text_rows(tokenizer, _subset(plain_text, cfg.n_ce, cfg.seed))
+        rows = plain_text_rows(tokenizer, sample(plain_text, cfg.n_ce, cfg.seed))
         out["plain_text"] = ce_loss(model, rows, factory, bs, pad) if rows else None
     if pairs:
-        rows = chat_rows(fmt, _subset(pairs, cfg.n_ce, cfg.seed))
+        rows = chat_rows(fmt, sample(pairs, cfg.n_ce, cfg.seed))
         out["instruction"] = ce_loss(model, rows, factory, bs, pad) if rows else None
     own = base_reply.get("harmless")
     if own:

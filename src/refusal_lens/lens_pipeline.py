@@ -25,7 +25,7 @@ from .data import Prompt
 from .decompose import decompose_direction, latents_for_error
 from .direction import Direction
 from .hooks import site_hooks
-from .latents import ablate_latent, add_latent, sae_site
+from .latents import ablate_latent, sae_site
 from .models import input_device
 from .prompts import ChatFormatter
 from .upstream import first_order_check, upstream_features
@@ -95,7 +95,6 @@ def run_sae_lens(
     evaluate_harmful: Any = None,
     n_decompose: int = 64,
     n_borderline: int = 4,
-    steer_alpha: float | None = None,
 ) -> dict[str, Any]:
     """Run the analyses above; ``evaluate_harmful(conditions) -> {name: refusal rate}`` measures ablations."""
     from .sae.formats import load_sae
@@ -146,8 +145,6 @@ def run_sae_lens(
         entry["first_order_check"] = first_order_check(
             model, fmt, prompt.instruction, direction.vector, direction.layer, sae, top, alphas=(0.05, 0.1)
         )
-        if steer_alpha and evaluate_harmful is not None:
-            entry["steering"] = _steer(model, sae, prompt, res, steer_alpha, evaluate_harmful)
         out["upstream"].append(entry)
         marked.append(top)
     from .dashboards import latent_dashboards
@@ -156,14 +153,3 @@ def run_sae_lens(
     corpus = [p.instruction for p in [*harmful[:64], *harmless[:64], *borderline[:64]]]
     out["dashboards"] = latent_dashboards(model, fmt, sae, chosen, corpus, direction.vector)
     return out
-
-
-def _steer(model: nn.Module, sae: Any, prompt: Prompt, res: Any, alpha: float, evaluate: Any) -> dict[str, Any]:
-    """Refusal of the borderline prompt with +α of the top positive and −α·(top negative) latents."""
-    pos, neg = res.positive[0]["latent"], res.negative[0]["latent"]
-    conditions = {
-        "none": None,
-        f"+{alpha}*latent{pos}": lambda: add_latent(model, sae, pos, alpha, positions="prompt"),
-        f"+{alpha}*latent{neg}(negative)": lambda: add_latent(model, sae, neg, alpha, positions="prompt"),
-    }
-    return evaluate(conditions, prompts=[prompt])

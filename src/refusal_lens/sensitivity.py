@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import get_adapter
 from .prompts import ChatFormatter
 from .upstream import upstream_features
 
@@ -45,7 +46,7 @@ def sensitivity(
     from .latents import sae_site
 
     source_layer, _ = sae_site(sae)
-    n_layers = len(model.get_submodule("model.layers")) if hasattr(model, "model") else target_layer + 1
+    n_layers = get_adapter(model).n_layers
     out: dict[str, list[dict[str, Any]]] = {
         "target_layer": [],
         "target_position": [],
