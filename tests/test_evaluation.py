@@ -28,15 +28,6 @@ from .test_judges import train_judge_model
 FAST = EvalSettings(max_new_tokens=6, batch_size=4, n_ce=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared, loaded 2-core machine run ~20x faster on one thread (no thread contention).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("eval")

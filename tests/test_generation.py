@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-import pytest
 import torch
 from torch import nn
 
@@ -18,15 +17,6 @@ from refusal_lens.generation import (
 )
 from refusal_lens.judges import SubstringJudge
 from refusal_lens.prompts import ChatFormatter
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared, loaded 2-core machine run ~20x faster on one thread (no thread contention).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 class ScriptedLM(nn.Module):

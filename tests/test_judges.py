@@ -26,15 +26,6 @@ REFUSALS = ["i am sorry , i cannot help", "as an ai i can not assist", "i cannot
 ANSWERS = ["sure , here is a short story", "here is a poem about the sea", "plants grow with water"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared, loaded 2-core machine run ~20x faster on one thread (no thread contention).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def train_judge_model(steps: int = 60, seed: int = 0):
     """A tiny chat model trained for a few steps to answer "yes" iff the reply contains "sorry"/"cannot"."""
     tok = toy_tokenizer()

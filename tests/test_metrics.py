@@ -30,15 +30,6 @@ TEXTS = ["how do i bake bread at home .", "write a poem about the sea", "two plu
 PAIRS = [("how do i bake bread", "sure , here is a short story ."), ("steal a car", "i am sorry , but i cannot help .")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared, loaded 2-core machine run ~20x faster on one thread (no thread contention).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def direct_ce(model64, rows) -> float:
     """Unbatched, unpadded float64 recomputation: -mean log p(token | prefix) over the counted tokens."""
     total, count = 0.0, 0

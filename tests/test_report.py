@@ -25,15 +25,6 @@ ALLOWED_TAGS = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared, loaded 2-core machine run much faster on one thread.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory, llama, tokenizer):
     direction = Direction(torch.randn(32, generator=torch.Generator().manual_seed(0)), 2, -1)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,11 +48,14 @@ from .metrics import (
     reply_kl,
 )
 from .models import model_name
-from .orthogonalize import project_out_along, refuse_inexact
+from .orthogonalize import project_out_along, refuse_inexact, refuse_offloaded
 from .prompts import ChatFormatter
 from .scoring import detect_refusal_tokens, last_logits
 
 SCHEMA_VERSION = 1
+
+Generator = Callable[..., list[Completion]]
+"""``generator(condition, prompts, settings, *, formatter, prompt_set, progress) -> completions``."""
 
 
 @dataclass
@@ -105,6 +108,7 @@ class OrthogonalizedWeights:
 
     def __init__(self, model: nn.Module, direction: torch.Tensor, force: bool = False):
         refuse_inexact(get_adapter(model), force)
+        refuse_offloaded(get_adapter(model))
         self.model, self.direction = model, direction
         self._edited: list[torch.Tensor] | None = None
 
@@ -118,7 +122,8 @@ class OrthogonalizedWeights:
         tied = adapter.tied_embeddings()
         originals = [w.param.data for w in writers]
         if tied:  # give the unembedding its own Parameter on the (unedited) original storage
-            adapter.lm_head.weight = nn.Parameter(adapter.embed.weight.data, requires_grad=False)
+            head = adapter.embed.weight.data.to(adapter.lm_head.weight.device)  # a copy only if on another device
+            adapter.lm_head.weight = nn.Parameter(head, requires_grad=False)
         try:
             for w, edited in zip(writers, self._edited):
                 w.param.data = edited
@@ -213,12 +218,15 @@ def evaluate_conditions(
     descriptions: Mapping[str, dict[str, Any]] | None = None,
     progress: bool = True,
     return_completions: bool = False,
+    generator: Generator | None = None,
 ) -> dict[str, Any] | tuple[dict[str, Any], list[Completion]]:
     """Evaluate every condition on every prompt set; returns the ``results.json`` dict.
 
     ``judges`` are extra judges (e.g. a :class:`~refusal_lens.judges.ModelJudge`) besides the substring,
     prefix and logit judges. The baseline for KL and own-reply CE is the condition named "baseline" (else the
     first one whose factory is ``None``). With ``return_completions`` returns ``(results, completions)``.
+    ``generator`` replaces :func:`~refusal_lens.generation.generate` for the replies (e.g. the vLLM backend,
+    :class:`~refusal_lens.vllm_backend.VLLMGenerator`); judges, KL and CE still run on ``model``.
     """
     cfg = settings or EvalSettings()
     fmt = formatter or ChatFormatter(tokenizer)
@@ -253,10 +261,13 @@ def evaluate_conditions(
         factory = conditions[cond]
         entry: dict[str, Any] = {}
         for set_name, items in sets.items():
-            comps = generate(
-                model, tokenizer, items, factory, gen, formatter=fmt, intervention=cond, prompt_set=set_name,
-                progress=progress,
-            )  # fmt: skip
+            if generator is None:
+                comps = generate(
+                    model, tokenizer, items, factory, gen, formatter=fmt, intervention=cond, prompt_set=set_name,
+                    progress=progress,
+                )  # fmt: skip
+            else:
+                comps = generator(cond, items, gen, formatter=fmt, prompt_set=set_name, progress=progress)
             replies = [c.completion for c in comps]
             judgements = {j.name: list(j.judge(texts[set_name], replies)) for j in all_judges}
             scored = logit.under(factory)

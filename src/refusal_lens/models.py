@@ -6,6 +6,8 @@ With no model given, every command uses the built-in model organism (:func:`refu
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -48,6 +50,25 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def parse_device_map(value: str | dict | None) -> str | dict | None:
+    """``--device-map``: a strategy (``auto``, ``balanced``, ``sequential``...), a device, or a JSON object.
+
+    A JSON object maps module names to devices, e.g. ``{"model.embed_tokens": 0, "model.layers": 1, "": 1}``.
+    """
+    if value is None or isinstance(value, dict):
+        return value
+    text = str(value).strip()
+    if not text.startswith("{"):
+        return text
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--device-map {text!r} is not valid JSON ({exc}); give e.g. auto or a JSON object.") from None
+    if not isinstance(parsed, dict):
+        raise UserError(f"--device-map {text!r} must be a JSON object mapping module names to devices.")
+    return parsed
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     *,
@@ -58,12 +79,18 @@ def load_model(
 ) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer (left padding, a pad token) in eval mode.
 
+    ``device_map`` (``"auto"``, a dict...) splits the model over devices with accelerate; the hooks move
+    directions to each activation's device, and inputs go to :func:`input_device`. ``device`` is then ignored.
+
     Example:
         >>> model, tokenizer = load_model()          # the built-in organism  # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
+    device_map = parse_device_map(device_map)
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise UserError("--device-map needs the accelerate package: pip install accelerate (or use --device).")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(

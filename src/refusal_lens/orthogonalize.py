@@ -60,12 +60,27 @@ def refuse_inexact(adapter: ArchitectureAdapter, force: bool) -> None:
         )
 
 
+def refuse_offloaded(adapter: ArchitectureAdapter) -> None:
+    """Raise if a residual writer's weights are not in memory (accelerate CPU/disk offload keeps them on "meta").
+
+    Editing the placeholder would change nothing the model computes with, silently.
+    """
+    offloaded = [w.name for w in adapter.residual_writers() if w.param.is_meta]
+    if offloaded:
+        raise UserError(
+            f"{len(offloaded)} residual-writing weights (e.g. {offloaded[0]}) are offloaded by --device-map, so they "
+            "cannot be edited in memory; use hook ablation, or write an edited checkpoint with "
+            "`refusal-lens orthogonalize` (it streams over the shards) and load that."
+        )
+
+
 def untie_embeddings(model: nn.Module, adapter: ArchitectureAdapter | None = None) -> bool:
-    """Give the unembedding its own copy of the weights; returns True if they were tied."""
+    """Give the unembedding its own copy of the weights (on its own device); returns True if they were tied."""
     adapter = adapter or get_adapter(model)
     if not adapter.tied_embeddings():
         return False
-    adapter.lm_head.weight = nn.Parameter(adapter.embed.weight.detach().clone(), requires_grad=False)
+    head_device = adapter.lm_head.weight.device
+    adapter.lm_head.weight = nn.Parameter(adapter.embed.weight.detach().to(head_device, copy=True), requires_grad=False)
     model.config.tie_word_embeddings = False
     if hasattr(model, "all_tied_weights_keys"):
         model.all_tied_weights_keys = {}  # transformers v5 would re-tie on save otherwise
@@ -77,6 +92,7 @@ def orthogonalize_model(model: nn.Module, direction: torch.Tensor, force: bool =
     """Orthogonalize ``model``'s residual writers against ``direction`` in place; returns the edited names."""
     adapter = get_adapter(model)
     refuse_inexact(adapter, force)
+    refuse_offloaded(adapter)
     untie_embeddings(model, adapter)
     unit = direction.double() / direction.double().norm()
     edited = []

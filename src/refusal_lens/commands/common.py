@@ -15,7 +15,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="HF model folder or hub id (default: the built-in model organism)")
     g.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: cpu)")
-    g.add_argument("--device-map", default=None, help="e.g. 'auto' to shard a large model over several GPUs")
+    g.add_argument(
+        "--device-map",
+        default=None,
+        help="split the model over devices with accelerate: auto, balanced, sequential, or a JSON object "
+        "mapping module names to devices (overrides --device; needs pip install accelerate)",
+    )
     g.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
     g.add_argument("--system", default=None, help="system prompt placed before each instruction")
     g.add_argument("--chat-template", default=None, help="Jinja chat template file, for tokenizers without one")

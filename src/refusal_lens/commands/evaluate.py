@@ -8,12 +8,16 @@ Example::
 
     refusal-lens evaluate --direction out/direction --out out/eval          # the organism, its test splits
     refusal-lens evaluate --model M --direction D --harmful jbb.json --harmless alpaca.json --out E
+    refusal-lens evaluate --model DIR --direction D ... --backend vllm --intervention ablate --out E   # vLLM replies
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ from ..data import load_prompts
 from ..direction import Direction
 from ..errors import UserError
 from ..evaluation import EvalSettings, evaluate_conditions, save_evaluation, standard_conditions
+from ..models import resolve_model_path
 from ..scoring import parse_refusal_tokens
 from .common import add_model_arguments, chat_template_from_args, load_model_from_args, resolve_prompts
 
@@ -65,6 +70,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--judge-label", default=None, help="classifier label meaning refusal/unsafe (default: guessed)")
     g = p.add_argument_group("evaluation")
     add_dataclass_arguments(g, EvalSettings)
+    g = p.add_argument_group("generation backend")
+    g.add_argument(
+        "--backend",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="generate the replies with transformers (hf) or vLLM (pip install vllm; for large prompt sets). "
+        "vLLM runs no hooks: the baseline uses the model folder, ablation and orthogonalized a weight-"
+        "orthogonalized copy written to a temporary folder (TMPDIR; as large as the model), and activation "
+        "addition is not available. Judges, KL and CE still run on the HF model",
+    )
+    g.add_argument(
+        "--vllm-args",
+        default=None,
+        help="JSON object of extra vllm.LLM arguments, e.g. '{\"tensor_parallel_size\": 4}' "
+        "(gpu_memory_utilization defaults to 0.5 here, leaving room for the HF model)",
+    )
     p.add_argument("--out", required=True, help="output folder (results.json, completions.jsonl, report.html)")
     p.add_argument("--no-report", action="store_true", help="skip report.html and the figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -84,6 +105,79 @@ def _interventions(spec: str, has_direction: bool) -> list[str]:
     if not has_direction:
         raise UserError(f"--intervention {spec} needs --direction FILE (a direction computed on this model).")
     return items
+
+
+def _vllm_args(text: str | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"gpu_memory_utilization": 0.5}
+    if text:
+        try:
+            extra = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--vllm-args is not valid JSON ({exc}); give a JSON object.") from None
+        if not isinstance(extra, dict):
+            raise UserError("--vllm-args must be a JSON object, e.g. '{\"tensor_parallel_size\": 2}'.")
+        kwargs.update(extra)
+    return kwargs
+
+
+def _check_vllm(args: argparse.Namespace, chosen: list[str]) -> dict[str, Any]:
+    """Fail fast (before loading anything) when the vLLM backend cannot run; returns the vllm.LLM arguments."""
+    from ..vllm_backend import import_vllm, vllm_dtype
+
+    import_vllm()
+    vllm_dtype(args.dtype)
+    kwargs = _vllm_args(args.vllm_args)
+    src = resolve_model_path(args.model)
+    if {"ablate", "orthogonalize"} & set(chosen) and not Path(src).is_dir():
+        raise UserError(
+            f"--backend vllm writes an orthogonalized copy of the model, which needs a local folder; download {src} "
+            "first (e.g. hf download ID --local-dir DIR) and pass --model DIR."
+        )
+    return kwargs
+
+
+@contextmanager
+def _generator(
+    args: argparse.Namespace,
+    model: Any,
+    tokenizer: Any,
+    direction: Direction | None,
+    conditions: dict[str, Any],
+    descriptions: dict[str, dict[str, Any]],
+    llm_kwargs: dict[str, Any],
+    seed: int,
+) -> Iterator[Any]:
+    """None for --backend hf; for vllm, a generator over the original and (if needed) orthogonalized checkpoint."""
+    if args.backend != "vllm":
+        yield None
+        return
+    from ..orthogonalize import orthogonalize_checkpoint
+    from ..vllm_backend import CHECKPOINT_OF, VLLMGenerator
+
+    with tempfile.TemporaryDirectory(prefix="refusal-lens-vllm-") as tmp:
+        paths = {"original": resolve_model_path(args.model)}
+        if direction is not None and any(CHECKPOINT_OF.get(c) == "orthogonalized" for c in conditions):
+            paths["orthogonalized"] = str(Path(tmp) / "orthogonalized")
+            if not args.quiet:
+                print(f"writing the orthogonalized checkpoint for vLLM to {paths['orthogonalized']}")
+            orthogonalize_checkpoint(
+                paths["original"], direction.vector, paths["orthogonalized"], trust_remote_code=args.trust_remote_code
+            )
+        for cond in conditions:
+            descriptions.setdefault(cond, {})["generation"] = {"backend": "vllm", "checkpoint": CHECKPOINT_OF[cond]}
+        gen = VLLMGenerator(
+            {c: paths[CHECKPOINT_OF[c]] for c in conditions},
+            tokenizer,
+            model=model,
+            dtype=args.dtype,
+            seed=seed,
+            trust_remote_code=args.trust_remote_code,
+            llm_kwargs=llm_kwargs,
+        )
+        try:
+            yield gen
+        finally:
+            gen.close()
 
 
 def _read_records(path: str, what: str) -> list[Any]:
@@ -157,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
     plain, pairs = _plain_texts(args), _pairs(args)
     settings = dataclass_from_args(EvalSettings, args)
     chosen = _interventions(args.intervention, args.direction is not None)
+    llm_kwargs = _check_vllm(args, chosen) if args.backend == "vllm" else {}
     direction = Direction.load(args.direction) if args.direction else None
     template = chat_template_from_args(args)
     judges = []
@@ -180,25 +275,37 @@ def run(args: argparse.Namespace) -> int:
     from ..prompts import ChatFormatter
 
     fmt = ChatFormatter(tokenizer, system=args.system, chat_template=template)
+    vllm_skipped: dict[str, str] = {}
+    if args.backend == "vllm":
+        from ..adapters import get_adapter
+        from ..vllm_backend import vllm_interventions
+
+        explicit = args.intervention.strip() != "all"
+        chosen, vllm_skipped = vllm_interventions(chosen, explicit, bool(get_adapter(model).post_norms))
     conditions, descriptions = standard_conditions(
         model, direction, chosen or ["none"], coeff=args.coeff, positions=args.positions
     )
-    results, completions = evaluate_conditions(
-        model,
-        tokenizer,
-        conditions,
-        sets,
-        settings,
-        judges=judges,
-        refusal_tokens=ids,
-        formatter=fmt,
-        plain_text=plain,
-        instruction_pairs=pairs,
-        direction=direction,
-        descriptions=descriptions,
-        progress=not args.quiet,
-        return_completions=True,
-    )
+    intervention_of = {"addition": "add", "ablation": "ablate"}
+    for cond, reason in vllm_skipped.items():
+        descriptions[cond] = {"intervention": intervention_of[cond], "skipped": reason}
+    with _generator(args, model, tokenizer, direction, conditions, descriptions, llm_kwargs, settings.seed) as gen:
+        results, completions = evaluate_conditions(
+            model,
+            tokenizer,
+            conditions,
+            sets,
+            settings,
+            judges=judges,
+            refusal_tokens=ids,
+            formatter=fmt,
+            plain_text=plain,
+            instruction_pairs=pairs,
+            direction=direction,
+            descriptions=descriptions,
+            progress=not args.quiet,
+            return_completions=True,
+            generator=gen,
+        )
     results["data"] = {
         "harmful": args.harmful or "organism:harmful:test",
         "harmless": args.harmless or "organism:harmless:test",
@@ -206,7 +313,9 @@ def run(args: argparse.Namespace) -> int:
         "plain_text": args.plain_text or ("organism:plain_text" if _organism_data(args) else None),
         "instruction_data": args.instruction_data or ("organism:chat_pairs:test" if _organism_data(args) else None),
     }
-    extra = {"command": "evaluate", "model": args.model or "organism", "direction": args.direction}
+    extra = {
+        "command": "evaluate", "model": args.model or "organism", "direction": args.direction, "backend": args.backend
+    }  # fmt: skip
     save_evaluation(args.out, results, completions, extra, args.direction, report=not args.no_report)
     _print_summary(results)
     print(f"saved {args.out}/results.json, completions.jsonl" + ("" if args.no_report else ", report.html"))

@@ -9,6 +9,7 @@ drift apart. ``--arch topk,batchtopk`` trains several SAEs on one activation str
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,16 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, help="HF model folder or hub id (default: the built-in organism)")
     g.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16, float16)")
-    g.add_argument("--device", default=None, help="model device, e.g. cuda:0 (default: cpu)")
+    g.add_argument(
+        "--device",
+        default=None,
+        help="model device, e.g. cuda:0 (default: cpu); under torchrun, 'cuda' means cuda:LOCAL_RANK",
+    )
+    g.add_argument(
+        "--device-map",
+        default=None,
+        help="split the model over devices with accelerate (auto, or a JSON object); needs pip install accelerate",
+    )
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,10 +110,19 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     _add_fields(parser, DataConfig, "data")
 
 
+def rank_device(device: str | None, env: dict[str, str] | None = None) -> str | None:
+    """``cuda`` without an index means this process's own GPU (``cuda:LOCAL_RANK``) when launched by torchrun."""
+    env = os.environ if env is None else env
+    if device == "cuda" and int(env.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in env:
+        return f"cuda:{int(env['LOCAL_RANK'])}"
+    return device
+
+
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     from ..models import load_model
 
-    return load_model(args.model, dtype=args.dtype, device=args.device)
+    device_map = getattr(args, "device_map", None)
+    return load_model(args.model, dtype=args.dtype, device=rank_device(args.device), device_map=device_map)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -79,9 +79,14 @@ def _world() -> tuple[int, int]:
 
 
 def init_distributed() -> tuple[int, int]:
-    """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU); returns (rank, world)."""
+    """Join the process group when launched by torchrun; returns (rank, world).
+
+    The backend is gloo also on GPU nodes: the SAEs, their gradients and every tensor this module all-reduces
+    live on the CPU (only the model producing the activations runs on the GPUs), and NCCL cannot reduce CPU
+    tensors.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo")
     return _world()
 
 
