@@ -10,7 +10,7 @@ from refusal_lens.activations import mean_activations
 from refusal_lens.interventions import ablate_direction, add_direction
 from refusal_lens.prompts import ChatFormatter
 from refusal_lens.scoring import kl_divergence, last_logits, refusal_score_from_logits
-from refusal_lens.selection import SelectionConfig, select_direction
+from refusal_lens.selection import SelectionConfig, fallback_without_induce, select_direction
 from refusal_lens.testing import random_model
 
 from .common import Result, interleaved_ratio, organism_or_random
@@ -44,8 +44,11 @@ def capture_overhead(quick: bool) -> Result:
     return Result("capture_overhead", statistics.median(ratios), 0.95, ratios, details)
 
 
-def reference_sweep(model, fmt, candidates, harmful, harmless, ids, cfg: SelectionConfig, bs: int):
-    """The naive sweep of the paper's code: every candidate separately, 3 passes each, filters afterwards."""
+def reference_sweep(model, fmt, candidates, harmful, harmless, ids, cfg: SelectionConfig, bs: int, scores=None):
+    """The naive sweep of the paper's code: every candidate separately, 3 passes each, filters afterwards.
+
+    Returns the chosen ``(position, layer)``; ``scores`` (a dict) receives ``(bypass, induce, kl)`` per candidate.
+    """
     n_pos, n_layers, _ = candidates.shape
     base = last_logits(model, fmt, harmless, bs)
     best, best_key = None, None
@@ -59,6 +62,8 @@ def reference_sweep(model, fmt, candidates, harmful, harmless, ids, cfg: Selecti
                 kl = kl_divergence(base, last_logits(model, fmt, harmless, bs)).mean()
             with add_direction(model, r, layer):
                 induce = refusal_score_from_logits(last_logits(model, fmt, harmless, bs), ids).mean()
+            if scores is not None:
+                scores[(p - n_pos, layer)] = (float(bypass), float(induce), float(kl))
             if layer >= int(cfg.max_layer_fraction * n_layers) or kl > cfg.kl_threshold:
                 continue
             if induce < cfg.induce_threshold:
@@ -68,8 +73,38 @@ def reference_sweep(model, fmt, candidates, harmful, harmless, ids, cfg: Selecti
     return best_key
 
 
+def _reference_choice(ref: dict, cfg: SelectionConfig, n_layers: int):
+    """The reference's choice from its scores, with the fallback our pipeline offers when nothing passes."""
+    ok_kl = {k: v for k, v in ref.items() if k[1] < int(cfg.max_layer_fraction * n_layers) and v[2] <= cfg.kl_threshold}
+    kept = {k: v for k, v in ok_kl.items() if v[1] >= cfg.induce_threshold}
+    pool = kept or ok_kl  # fallback_without_induce: the best bypass failing only the induce filter
+    return min(pool, key=lambda k: pool[k][0]) if pool else None
+
+
+def _compare_scores(ref: dict, res, tol: float = 1e-4) -> int:
+    """Assert every score ours computed equals the reference's (KL lower bounds: below the true KL)."""
+    compared = 0
+    for s in res.scores:
+        if (s.position, s.layer) not in ref:
+            continue
+        b, i, k = ref[(s.position, s.layer)]
+        for name, ours, theirs in (("bypass", s.bypass, b), ("induce", s.induce, i), ("kl", s.kl, k)):
+            if ours is None:
+                continue
+            if name == "kl" and s.kl_lower_bound:
+                assert ours <= theirs + tol and theirs > res.config.kl_threshold, (s, theirs)
+            else:
+                assert abs(ours - theirs) <= tol * max(1.0, abs(theirs)), (name, s, theirs)
+            compared += 1
+    return compared
+
+
 def selection_speedup(quick: bool) -> Result:
-    """Our selection vs the naive reference sweep, same candidates and prompts; asserts the same choice."""
+    """Our selection vs the naive reference sweep, same candidates and prompts.
+
+    Asserts the same choice (and the same fallback candidate when nothing passes) and equal scores for
+    every score both computed.
+    """
     model, tok, which = organism_or_random(quick)
     fmt = ChatFormatter(tok)
     if which == "organism":
@@ -89,18 +124,32 @@ def selection_speedup(quick: bool) -> Result:
         harmful, harmless = harmful[:16], harmless[:16]
     mean_harmful = mean_activations(model, fmt, h_train, progress=False)
     cands = (mean_harmful - mean_activations(model, fmt, b_train, progress=False))[:, :-1]
-    chosen = {}
+    chosen, ref_scores, out = {}, {}, {}
 
     def ref():
-        chosen["ref"] = reference_sweep(model, fmt, cands, harmful, harmless, ids, cfg, 32)
+        chosen["ref"] = reference_sweep(model, fmt, cands, harmful, harmless, ids, cfg, 32, ref_scores)
 
     def ours():
-        res = select_direction(model, fmt, cands, harmful, harmless, ids, cfg, progress=False)
+        res = out["res"] = select_direction(model, fmt, cands, harmful, harmless, ids, cfg, progress=False)
+        pick = res.chosen or fallback_without_induce(res)
         chosen["ours"] = None if res.chosen is None else (res.chosen.position, res.chosen.layer)
+        chosen["ours_with_fallback"] = None if pick is None else (pick.position, pick.layer)
 
     ratios, details = interleaved_ratio(ref, ours, 1 if quick else 3)
+    res = out["res"]
     assert chosen["ref"] == chosen["ours"], f"selection differs from the reference: {chosen}"
-    details.update(model=which, chosen=chosen["ours"], n_candidates=int(cands.shape[0] * cands.shape[1]))
+    fallback_ref = _reference_choice(ref_scores, cfg, cands.shape[1])
+    assert fallback_ref == chosen["ours_with_fallback"], f"fallback differs: {fallback_ref} vs {chosen}"
+    compared = _compare_scores(ref_scores, res)
+    details.update(
+        model=which,
+        chosen=chosen["ours"],
+        chosen_with_fallback=chosen["ours_with_fallback"],
+        n_candidates=int(cands.shape[0] * cands.shape[1]),
+        scores_compared=compared,
+        ours_phase_s={k: round(v, 3) for k, v in res.timings.items()},
+        ours_stats=res.stats,
+    )
     return Result("selection_speedup", statistics.median(ratios), 3.0, ratios, details)
 
 

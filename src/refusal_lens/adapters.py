@@ -16,7 +16,9 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -42,6 +44,10 @@ class FamilySpec:
     conv1d: bool = False  # GPT-2's Conv1D stores weights as [in, out]
     moe: bool = False
     extra_out_projs: tuple[str, ...] = field(default=())  # e.g. a MoE shared expert's down-projection
+    exact_tail: bool = False
+    """The decoder feeds ``inputs_embeds`` to layer 0 unchanged (no embedding scale or multiplier, no
+    absolute position embeddings, in every supported transformers version), so a forward from
+    ``inputs_embeds = resid_pre[l]`` with only layers ``l..L-1`` equals the full forward from layer l on."""
 
 
 _LLAMA_LIKE = FamilySpec(
@@ -52,6 +58,7 @@ _LLAMA_LIKE = FamilySpec(
     mlp_write="mlp.down_proj",
     attn_out_proj="self_attn.o_proj",
     mlp_out_proj="mlp.down_proj",
+    exact_tail=True,
 )
 _POST_NORM = FamilySpec(
     layers="model.layers",
@@ -62,6 +69,7 @@ _POST_NORM = FamilySpec(
     attn_out_proj="self_attn.o_proj",
     mlp_out_proj="mlp.down_proj",
     post_norms=True,
+    exact_tail=True,
 )
 _MOE = FamilySpec(
     layers="model.layers",
@@ -73,18 +81,22 @@ _MOE = FamilySpec(
     mlp_out_proj="mlp.down_proj",  # used by dense (non-MoE) layers of a MoE model
     moe=True,
     extra_out_projs=("mlp.shared_expert.down_proj",),
+    exact_tail=True,
 )
+# Gemma (×√d) and Granite (embedding_multiplier) scale the embeddings inside the decoder's forward (Gemma
+# moved the scale into the embedding module in transformers 5, but 4.x still scales inputs_embeds).
+_SCALED_EMBED = replace(_LLAMA_LIKE, exact_tail=False)
 
 FAMILIES: dict[str, FamilySpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
+    "gemma": _SCALED_EMBED,
     "phi3": _LLAMA_LIKE,
-    "granite": _LLAMA_LIKE,
-    "gemma2": _POST_NORM,
-    "gemma3_text": _POST_NORM,
+    "granite": _SCALED_EMBED,
+    "gemma2": replace(_POST_NORM, exact_tail=False),
+    "gemma3_text": replace(_POST_NORM, exact_tail=False),
     "olmo2": _POST_NORM,
     "qwen2_moe": _MOE,
     "qwen3_moe": _MOE,
@@ -108,6 +120,7 @@ FAMILIES: dict[str, FamilySpec] = {
         mlp_write="mlp.dense_4h_to_h",
         attn_out_proj="attention.dense",
         mlp_out_proj="mlp.dense_4h_to_h",
+        exact_tail=True,  # its embedding dropout is the identity in eval mode
     ),
 }
 
@@ -200,6 +213,31 @@ class ArchitectureAdapter:
             "attn_out": f"blocks.{layer}.hook_attn_out",
             "mlp_out": f"blocks.{layer}.hook_mlp_out",
         }[site]
+
+    @contextmanager
+    def tail_layers(self, start: int) -> Iterator[None]:
+        """Inside the block the decoder runs only layers ``start..L-1``: call the model with
+        ``inputs_embeds`` = the residual stream entering layer ``start`` to get the full model's output.
+
+        Only exact where ``spec.exact_tail`` (see :class:`FamilySpec`); callers fall back to full forwards
+        elsewhere. A per-layer ``config.layer_types`` list (sliding/full attention) is sliced alongside, as
+        decoders index it by the position in the layer list. The layer list is always restored.
+        """
+        self.check_layer(start)
+        parent_path, _, name = self.spec.layers.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        config = getattr(parent, "config", None)
+        types = getattr(config, "layer_types", None)
+        full = getattr(parent, name)
+        try:
+            setattr(parent, name, nn.ModuleList(self.layers[start:]))
+            if isinstance(types, list) and len(types) == self.n_layers:
+                config.layer_types = types[start:]
+            yield
+        finally:
+            setattr(parent, name, full)
+            if isinstance(types, list) and len(types) == self.n_layers:
+                config.layer_types = types
 
     # ----------------------------------------------------------------- weights
     def tied_embeddings(self) -> bool:

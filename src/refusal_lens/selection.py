@@ -10,25 +10,37 @@ Candidates with NaN scores, ``l ≥ int(max_layer_fraction·L)``, ``kl > kl_thre
 ``induce < induce_threshold`` are discarded; the lowest ``bypass`` wins. All thresholds are configurable,
 and when nothing survives the result says which filter removed what and lists the closest candidates.
 
-Speed: candidates share forward passes (each batch row carries its own direction), the layer filter is
-applied before anything runs, and with ``prune=True`` the bypass score is only computed for candidates
-that passed the KL and induce filters. ``prune=False`` scores every candidate (the reference sweep's
-output, same choice).
+Speed (same choice and, for every score computed, the same value as scoring each candidate separately):
+candidates share forward passes with almost no padding, the template's common prefix runs once per
+candidate (:mod:`refusal_lens.selection_passes`), the layer filter is applied before anything runs, and
+the filters run cheapest-rejection first. With ``prune=True`` (default):
+
+1. ``kl`` for every live candidate, highest-entropy prompts first: a candidate whose partial KL sum
+   already proves ``kl > kl_threshold`` is not scored further (its ``kl`` is then a lower bound,
+   ``kl_lower_bound``);
+2. ``induce`` only for the KL survivors, from the cached baseline residual entering layer ``l`` (only
+   layers ``l..L-1`` run) in families where that is exact, full forwards elsewhere;
+3. ``bypass`` only for candidates that passed both; when none did, for the KL survivors (the ones
+   :func:`fallback_without_induce` may pick and the explanation ranks).
+
+``prune=False`` scores every live candidate on all three (the reference sweep's output, same choice).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .interventions import ablate_direction, add_direction
 from .prompts import ChatFormatter
-from .scoring import kl_divergence, last_logits, refusal_score_from_logits
+from .scoring import kl_divergence, refusal_score_from_logits
+from .selection_passes import Passes, PromptSet
 
 
 @dataclass
@@ -40,7 +52,7 @@ class SelectionConfig:
     induce_threshold: float = 0.0
     """Discard candidates whose addition leaves the mean harmless refusal score below this."""
     prune: bool = True
-    """Skip the bypass score for candidates already removed by another filter (same choice, faster)."""
+    """Skip scores of candidates already removed by another filter (same choice, faster)."""
     batch_size: int = 32
     """Rows per forward pass (prompts × candidates)."""
 
@@ -54,6 +66,7 @@ class CandidateScore:
     kl: float | None = None
     norm: float = 0.0
     removed_by: list[str] = field(default_factory=list)
+    kl_lower_bound: bool = False  # kl is a partial mean (scoring stopped once it proved kl > threshold)
 
     @property
     def kept(self) -> bool:
@@ -68,6 +81,10 @@ class SelectionResult:
     baseline_harmless: float
     config: SelectionConfig
     explanation: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+    """Work done: forward passes and rows per phase, KL early exits, how induce was scored."""
+    timings: dict[str, float] = field(default_factory=dict, repr=False)
+    """Seconds per phase (not written to JSON: it would make artifacts differ run to run)."""
 
     def to_json(self) -> dict:
         return {
@@ -76,31 +93,12 @@ class SelectionResult:
             "filters": asdict(self.config),
             "explanation": self.explanation,
             "candidates": [asdict(s) for s in self.scores],
+            "stats": self.stats,
         }
 
 
-def _rows_scores(
-    model: nn.Module,
-    formatter: ChatFormatter,
-    prompts: Sequence[str],
-    directions: torch.Tensor,
-    mode: str,
-    refusal_ids: Sequence[int],
-    batch_size: int,
-    layer: int | None = None,
-) -> torch.Tensor:
-    """Last-position logits for every (direction, prompt) pair ``[n_dirs, n_prompts, vocab]``."""
-    n_dirs, n = directions.shape[0], len(prompts)
-    flat_prompts = [p for _ in range(n_dirs) for p in prompts]
-    row_dirs = directions.repeat_interleave(n, dim=0)
-
-    def context(rows: slice):
-        if mode == "ablate":
-            return ablate_direction(model, row_dirs[rows])
-        return add_direction(model, row_dirs[rows], layer=layer, coeff=1.0)
-
-    logits = last_logits(model, formatter, flat_prompts, batch_size, context)
-    return logits.view(n_dirs, n, -1)
+def _nan(v: float | None) -> bool:
+    return v is not None and math.isnan(v)
 
 
 def select_direction(
@@ -114,12 +112,14 @@ def select_direction(
     progress: bool = True,
 ) -> SelectionResult:
     """Score every candidate of ``candidates [n_pos, n_layers, d]`` and choose one (see module doc)."""
+    t_start = time.perf_counter()
     cfg = config or SelectionConfig()
     n_pos, n_layers, _ = candidates.shape
     cand = candidates.float()
-    base_harmless = last_logits(model, formatter, harmless_val, cfg.batch_size)
-    base_harmful = last_logits(model, formatter, harmful_val, cfg.batch_size)
-    score = lambda logits: refusal_score_from_logits(logits.flatten(0, -2), refusal_ids)  # noqa: E731
+    passes = Passes(model, cfg.batch_size)
+
+    def refusal_row(idx: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return refusal_score_from_logits(logits, refusal_ids)
 
     scores: dict[tuple[int, int], CandidateScore] = {}
     max_layer = int(cfg.max_layer_fraction * n_layers)
@@ -132,48 +132,70 @@ def select_direction(
                 s.removed_by.append(f"layer >= {max_layer} (max_layer_fraction {cfg.max_layer_fraction})")
             scores[(p, layer)] = s
     live = [k for k, s in scores.items() if s.kept]
-    bar = tqdm(total=2 * n_layers + 1, desc="selection", disable=not progress, leave=False)
+    bar = tqdm(total=4, desc="selection", disable=not progress, leave=False)
 
-    # induce: one pass per layer, the candidates of that layer (one per position) batched together.
-    for layer in range(n_layers):
-        keys = [k for k in live if k[1] == layer]
-        if keys:
-            dirs = torch.stack([cand[k] for k in keys])
-            logits = _rows_scores(model, formatter, harmless_val, dirs, "add", refusal_ids, cfg.batch_size, layer)
-            for k, row in zip(keys, logits):
-                scores[k].induce = float(score(row).mean())
-        bar.update()
+    harmless = PromptSet(formatter, harmless_val, passes.device)
+    harmful = PromptSet(formatter, harmful_val, passes.device)
+    tail = passes.adapter.spec.exact_tail
+    capture = sorted({k[1] for k in live}) if tail else []
+    base_harmless, resid = passes.baseline("baseline", harmless, capture)
+    base_harmful, _ = passes.baseline("baseline", harmful)
+    bar.update()
 
-    # kl: ablation on harmless prompts, all candidates batched.
-    if live:
-        dirs = torch.stack([cand[k] for k in live])
-        logits = _rows_scores(model, formatter, harmless_val, dirs, "ablate", refusal_ids, cfg.batch_size)
-        for k, row in zip(live, logits):
-            scores[k].kl = float(kl_divergence(base_harmless, row).mean())
-    bar.update(n_layers)
+    # 1. kl: ablation on harmless prompts, every live candidate; with pruning, stop once kl > threshold is proven.
+    def kl_row(idx: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return kl_divergence(base_harmless[idx], logits)
 
+    n_b = len(harmless_val)
+    stop = cfg.kl_threshold if cfg.prune else None
+    shared_b = passes.check_prefix(harmless, base_harmless)
+    # Prompts whose baseline next-token distribution is uncertain move most under ablation: scoring them
+    # first lets the early exit happen sooner (the order changes no score, only the work skipped).
+    logp = torch.log_softmax(base_harmless.double(), -1)
+    uncertain_first = torch.argsort(-(logp.exp() * logp).sum(-1), descending=True, stable=True).tolist()
+    sums, counts = passes.ablated(
+        "kl", harmless, {k: cand[k] for k in live}, kl_row, stop, shared_b, uncertain_first if stop else None
+    )
+    for k in live:
+        scores[k].kl = sums[k] / n_b
+        scores[k].kl_lower_bound = counts[k] < n_b
+    kl_ok = [k for k in live if scores[k].kl <= cfg.kl_threshold]  # NaN compares False
+    bar.update()
+
+    # 2. induce: addition at the candidate's layer on harmless prompts, for the KL survivors (all if not pruning).
+    need = kl_ok if cfg.prune else live
+    if need and tail and not passes.check_tail(harmless, resid, base_harmless, max(k[1] for k in need)):
+        tail = False
+    sums = passes.induced(
+        harmless, {k: cand[k] for k in need}, {k: k[1] for k in need}, refusal_row, resid if tail else None
+    )
+    del resid
+    for k in need:
+        scores[k].induce = sums[k] / n_b
     for k in live:
         s = scores[k]
-        if any(v is None or math.isnan(v) for v in (s.induce, s.kl)):
+        if _nan(s.kl) or _nan(s.induce):
             s.removed_by.append("NaN score")
             continue
         if s.kl > cfg.kl_threshold:
-            s.removed_by.append(f"kl > {cfg.kl_threshold}")
-        if s.induce < cfg.induce_threshold:
+            s.removed_by.append(f"kl > {cfg.kl_threshold}" + (" (early exit)" if s.kl_lower_bound else ""))
+        if s.induce is not None and s.induce < cfg.induce_threshold:
             s.removed_by.append(f"induce < {cfg.induce_threshold}")
+    bar.update()
 
-    # bypass: ablation on harmful prompts; pruned candidates are skipped unless nothing survives.
-    need = [k for k in live if scores[k].kept or not cfg.prune]
-    if not any(scores[k].kept for k in live):
-        need = live  # score everything so the explanation can show the closest candidates
-    if need:
-        dirs = torch.stack([cand[k] for k in need])
-        logits = _rows_scores(model, formatter, harmful_val, dirs, "ablate", refusal_ids, cfg.batch_size)
-        for k, row in zip(need, logits):
-            scores[k].bypass = float(score(row).mean())
-            if math.isnan(scores[k].bypass) and "NaN score" not in scores[k].removed_by:
-                scores[k].removed_by.append("NaN score")
-    bar.update(n_layers)
+    # 3. bypass: ablation on harmful prompts, for the survivors; when none survived, for the KL survivors.
+    if not cfg.prune:
+        need = live
+    else:
+        need = [k for k in live if scores[k].kept] or [k for k in kl_ok if "NaN score" not in scores[k].removed_by]
+    shared_h = passes.check_prefix(harmful, base_harmful)
+    sums, _ = passes.ablated("bypass", harmful, {k: cand[k] for k in need}, refusal_row, shared_prefix=shared_h)
+    for k in need:
+        s = scores[k]
+        s.bypass = sums[k] / len(harmful_val)
+        if math.isnan(s.bypass) and "NaN score" not in s.removed_by:
+            s.removed_by.append("NaN score")
+    bar.update()
     bar.close()
 
     ordered = [scores[(p, layer)] for p in range(n_pos) for layer in range(n_layers)]
@@ -182,9 +204,18 @@ def select_direction(
     result = SelectionResult(
         scores=ordered,
         chosen=chosen,
-        baseline_harmful=float(score(base_harmful).mean()),
-        baseline_harmless=float(score(base_harmless).mean()),
+        baseline_harmful=float(refusal_row(None, base_harmful).mean()),
+        baseline_harmless=float(refusal_row(None, base_harmless).mean()),
         config=cfg,
+        stats={
+            "forwards": dict(passes.forwards),
+            "rows": dict(passes.rows),
+            "kl_early_exits": passes.kl_early_exits,
+            "induce": "tail" if tail else "full",
+            "tail_forwards": passes.tail_forwards,
+            "shared_prefix_tokens": {"harmless": harmless.prefix * shared_b, "harmful": harmful.prefix * shared_h},
+        },
+        timings={**passes.seconds, "total": time.perf_counter() - t_start},
     )
     result.explanation = explain(result)
     return result
@@ -205,6 +236,14 @@ def fallback_without_induce(result: SelectionResult) -> CandidateScore | None:
     return min(only_induce, key=lambda s: s.bypass) if only_induce else None
 
 
+def _scores_text(s: CandidateScore) -> str:
+    def fmt(v: float | None, spec: str) -> str:
+        return "not scored" if v is None else format(v, spec)
+
+    kl = ("kl >= " if s.kl_lower_bound else "kl ") + fmt(s.kl, ".4f")
+    return f"bypass {fmt(s.bypass, '.3f')} induce {fmt(s.induce, '.3f')} {kl}"
+
+
 def explain(result: SelectionResult, top: int = 5) -> str:
     """A human-readable account of the selection: the choice, or why nothing survived."""
     if result.chosen is not None:
@@ -220,17 +259,20 @@ def explain(result: SelectionResult, top: int = 5) -> str:
             counts[reason] = counts.get(reason, 0) + 1
     lines = [f"no candidate passed the filters ({len(result.scores)} candidates). Removed by:"]
     lines += [f"  {reason}: {n}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])]
-    closest = sorted(
-        (s for s in result.scores if s.bypass is not None and not math.isnan(s.bypass)),
-        key=lambda s: s.bypass,
-    )[:top]
+
+    def finite(v: float | None) -> bool:
+        return v is not None and not math.isnan(v)
+
+    closest = sorted((s for s in result.scores if finite(s.bypass)), key=lambda s: s.bypass)[:top]
     if closest:
         lines.append("closest candidates (lowest bypass):")
-        lines += [
-            f"  pos {s.position} layer {s.layer}: bypass {s.bypass:.3f} induce {s.induce:.3f} kl {s.kl:.4f} "
-            f"(removed by {', '.join(s.removed_by)})"
-            for s in closest
-        ]
+    else:  # nothing passed the KL filter, so no bypass was scored: rank by KL instead
+        closest = sorted((s for s in result.scores if finite(s.kl)), key=lambda s: s.kl)[:top]
+        if closest:
+            lines.append("closest candidates (lowest kl; '>=' marks a lower bound):")
+    lines += [
+        f"  pos {s.position} layer {s.layer}: {_scores_text(s)} (removed by {', '.join(s.removed_by)})" for s in closest
+    ]
     lines.append(
         "relax a filter (--kl-threshold, --max-layer-fraction, --induce-threshold) or pick one with --layer/--position."
     )
