@@ -29,13 +29,16 @@ from .interventions import ablate_direction, add_direction
 from .io import atomic_write_json, staging_dir
 from .models import load_model
 
-ADDITION_POSITIONS = "all"  # the paper adds at every position, generated tokens included
+# The organism's addition adds r at the prompt's positions only. Adding it at every position, generated
+# tokens included (the paper's setting), makes this tiny model repeat "I'mI'mI'm…" (SPEC §6); the demo
+# reports that setting too, as "addition_all_positions", so the difference stays visible.
+ADDITION_POSITIONS = "prompt"
 
 
-def _split(kind: str, split: str) -> list[Prompt]:
+def _split_of(kind: str, split: str, seed: int = 0) -> list[Prompt]:
     from .organism import load_split
 
-    return [Prompt(r["instruction"], r["category"]) for r in load_split(kind, split)]
+    return [Prompt(r["instruction"], r["category"]) for r in load_split(kind, split, seed)]
 
 
 def run_demo(
@@ -48,7 +51,12 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo into ``out``; returns a short summary (also printed by the CLI)."""
     start = time.perf_counter()
+    from .organism import chat_pairs, corpus_seed, plain_text
+
     model, tokenizer = load_model(model_path)
+    # An organism trained with another seed is evaluated on its own corpus (its held-out phrasings).
+    cseed = corpus_seed(model_path) if model_path else 0
+    _split = lambda kind, split: _split_of(kind, split, cseed)  # noqa: E731
     text = lambda prompts: [p.instruction for p in prompts]  # noqa: E731
     found = compute_direction(
         model,
@@ -76,6 +84,10 @@ def run_demo(
     gen = torch.Generator().manual_seed(seed + 1)
     random_dir = torch.randn(direction.vector.shape, generator=gen)
     random_dir = random_dir / random_dir.norm() * direction.vector.norm()
+    conditions["addition_all_positions"] = lambda: add_direction(model, direction.vector, direction.layer, 1.0, "all")
+    descriptions["addition_all_positions"] = {
+        "intervention": "add", "layer": direction.layer, "coeff": 1.0, "positions": "all",
+    }  # fmt: skip
     conditions["random_ablation"] = lambda: ablate_direction(model, random_dir)
     conditions["random_addition"] = lambda: add_direction(model, random_dir, direction.layer, 1.0, ADDITION_POSITIONS)
     descriptions["random_ablation"] = {"intervention": "ablate", "direction": "random, same norm (control)"}
@@ -86,9 +98,7 @@ def run_demo(
         "positions": ADDITION_POSITIONS,
     }
 
-    from .organism import chat_pairs, plain_text
-
-    pairs = [(c["instruction"], c["reply"]) for c in chat_pairs("test") if c.get("kind") == "harmless"]
+    pairs = [(c["instruction"], c["reply"]) for c in chat_pairs("test", cseed) if c.get("kind") == "harmless"]
     settings = EvalSettings(max_new_tokens=max_new_tokens, n_prompts=n_prompts, seed=seed, batch_size=64)
     sets = {
         "harmful": _split("harmful", "test"),
@@ -102,14 +112,14 @@ def run_demo(
         sets,
         settings,
         refusal_tokens=direction.meta.get("refusal_token_ids"),
-        plain_text=plain_text()[:256],
+        plain_text=plain_text(cseed)[:256],
         instruction_pairs=pairs,
         direction=direction,
         descriptions=descriptions,
         progress=progress,
         return_completions=True,
     )
-    results["sae_lens"] = _sae_lens(model, tokenizer, direction, sets, settings, progress)
+    results["sae_lens"] = _sae_lens(model, tokenizer, direction, sets, settings, progress, model_path)
     ablated = results["conditions"].get("ablation", {}).get("harmful", {}).get("refusal_rate")
     for item in results["sae_lens"].get("latent_ablation", []):
         item["direction_ablation"] = ablated
@@ -131,13 +141,15 @@ def run_demo(
     return summary
 
 
-def _sae_lens(model: Any, tokenizer: Any, direction: Any, sets: dict, settings: EvalSettings, progress: bool) -> Any:
-    """The SAE-lens analyses with the organism's shipped SAEs (skipped, with the reason, if they are absent)."""
+def _sae_lens(
+    model: Any, tokenizer: Any, direction: Any, sets: dict, settings: EvalSettings, progress: bool, model_path: Any
+) -> Any:
+    """The SAE-lens analyses with the organism's SAEs (skipped, with the reason, if they are absent)."""
     from .lens_pipeline import run_sae_lens
     from .organism import shipped_saes
 
     try:
-        saes = shipped_saes()
+        saes = shipped_saes(model_path)
     except UserError as exc:
         return {"skipped": str(exc)}
     ids = direction.meta.get("refusal_token_ids")
@@ -176,19 +188,19 @@ def format_summary(summary: dict[str, Any]) -> str:
     d = summary["direction"]
     how = f", {d['selected_by']}" if d.get("selected_by") and d["selected_by"] != "selection" else ""
     lines = [f"refusal direction: layer {d['layer']}, position {d['position']} (norm {d['norm']:.2f}{how})", ""]
-    lines.append(f"{'condition':<18}{'harmful':>9}{'harmless':>10}{'borderline':>12}{'KL(answered)':>14}")
+    lines.append(f"{'condition':<24}{'harmful':>9}{'harmless':>10}{'borderline':>12}{'KL(answered)':>14}")
     for cond, row in summary["rates"].items():
         kl = row.get("kl_harmless")
         cells = [f"{row.get(k, float('nan')):>9.1%}" if k in row else f"{'-':>9}" for k in ("harmful",)]
         cells.append(f"{row['harmless']:>10.1%}" if "harmless" in row else f"{'-':>10}")
         cells.append(f"{row['borderline']:>12.1%}" if "borderline" in row else f"{'-':>12}")
         cells.append(f"{kl:>14.4f}" if isinstance(kl, float) else f"{'-':>14}")
-        lines.append(f"{cond:<18}" + "".join(cells))
+        lines.append(f"{cond:<24}" + "".join(cells))
     if summary.get("saes"):
-        lines += ["", f"{'SAE':<18}{'cos(r_SAE, r)':>14}{'rel. error':>12}{'best latent cos':>17}"]
+        lines += ["", f"{'SAE':<24}{'cos(r_SAE, r)':>14}{'rel. error':>12}{'best latent cos':>17}"]
         for name, d in summary["saes"].items():
             lines.append(
-                f"{name:<18}{d['cosine']:>14.3f}{d['relative_error']:>12.3f}{d['max_single_latent_cosine']:>17.3f}"
+                f"{name:<24}{d['cosine']:>14.3f}{d['relative_error']:>12.3f}{d['max_single_latent_cosine']:>17.3f}"
             )
     elif summary.get("sae_lens_skipped"):
         lines += ["", f"(SAE lens skipped: {summary['sae_lens_skipped']})"]

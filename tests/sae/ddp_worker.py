@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -34,3 +35,6 @@ if __name__ == "__main__":
     if rank == 0:
         torch.save({"world": world, "saes": result}, sys.argv[1])
     shutdown_distributed()
+    # Like `refusal-lens sae train`: skip the interpreter teardown, where gloo threads can abort the process.
+    sys.stdout.flush()
+    os._exit(0)

@@ -12,13 +12,14 @@ Public API:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
 from .corpus import Corpus, build_corpus, chat_pairs, load_split, plain_text
 
-__all__ = ["Corpus", "build_corpus", "chat_pairs", "load_split", "path", "plain_text", "train_organism"]
+__all__ = ["Corpus", "build_corpus", "chat_pairs", "corpus_seed", "load_split", "path", "plain_text", "train_organism"]
 
 _CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -55,9 +56,21 @@ def shipped_direction() -> Path:
     return found
 
 
-def shipped_saes() -> dict[str, Path]:
-    """The organism's SAEs: ``chat`` and ``text`` at the direction's layer, ``upstream`` (chat data) earlier."""
-    saes = {name: path() / "saes" / name for name in ("chat", "text", "upstream")}
+def corpus_seed(checkpoint: str | Path | None = None) -> int:
+    """The corpus seed an organism checkpoint was trained with (0 for the shipped one or a non-organism)."""
+    info = Path(checkpoint or path()) / "organism.json"
+    if not info.is_file():
+        return 0
+    return int(json.loads(info.read_text()).get("seed", 0))
+
+
+def shipped_saes(checkpoint: str | Path | None = None) -> dict[str, Path]:
+    """The organism's SAEs: ``chat`` and ``text`` at the direction's layer, ``upstream`` (chat data) earlier.
+
+    ``checkpoint`` selects another organism folder built by ``organism artifacts`` (default: the shipped one).
+    """
+    root = Path(checkpoint) if checkpoint is not None else path()
+    saes = {name: root / "saes" / name for name in ("chat", "text", "upstream")}
     missing = [str(p) for p in saes.values() if not (p / "cfg.json").is_file()]
     if missing:
         raise UserError(

@@ -46,12 +46,14 @@ def build_artifacts(checkpoint: str | os.PathLike, recipe: ArtifactRecipe | None
     from ..sae.formats import save_saelens
     from ..sae.source import ActivationSource, DataConfig
     from ..sae.trainer import TrainConfig, train_saes
+    from . import corpus_seed
     from .corpus import chat_pairs, load_split, plain_text
 
     cfg = recipe or ArtifactRecipe()
     ckpt = Path(checkpoint)
     model, tok = load_model(ckpt)
-    texts = lambda kind, split: [r["instruction"] for r in load_split(kind, split)]  # noqa: E731
+    seed = corpus_seed(ckpt)  # a checkpoint trained with another seed is analysed on its own corpus
+    texts = lambda kind, split: [r["instruction"] for r in load_split(kind, split, seed)]  # noqa: E731
     found = compute_direction(
         model, tok, texts("harmful", "train"), texts("harmless", "train"), texts("harmful", "val"),
         texts("harmless", "val"), config=DirectionConfig(seed=cfg.seed, fallback_drop_induce=True),
@@ -64,12 +66,12 @@ def build_artifacts(checkpoint: str | os.PathLike, recipe: ArtifactRecipe | None
         atomic_write_json(stage / "selection.json", found.selection.to_json())
     layer = found.direction.layer
     chats = [[{"role": "user", "content": c["instruction"]}, {"role": "assistant", "content": c["reply"]}]
-             for c in chat_pairs("train")]  # fmt: skip
+             for c in chat_pairs("train", seed)]  # fmt: skip
     summary: dict[str, Any] = {"direction": {"layer": layer, "position": found.direction.position}, "saes": {}}
     upstream_layer = max(0, layer - cfg.upstream_offset)
     for name, data, at in (("chat", "chat", layer), ("text", "text", layer), ("upstream", "chat", upstream_layer)):
         data_cfg = DataConfig(data=data, seed=cfg.seed)
-        source = ActivationSource(model, tok, at, "resid_pre", data_cfg, cfg.batch_size, plain_text(), chats)
+        source = ActivationSource(model, tok, at, "resid_pre", data_cfg, cfg.batch_size, plain_text(seed), chats)
         train_cfg = TrainConfig(tokens=cfg.tokens, batch_size=cfg.batch_size, seed=cfg.seed)
         sae_cfg = SAEConfig(arch=cfg.arch, width=cfg.width, k=cfg.k, d_in=source.d_in)
         sae = train_saes({cfg.arch: sae_cfg}, source, train_cfg)[cfg.arch]

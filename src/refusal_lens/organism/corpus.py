@@ -28,8 +28,8 @@ KINDS = ("harmful", "harmless", "borderline")
 SPLITS = ("train", "val", "test")
 
 # Number of phrasings held out for validation and test (the rest are training phrasings).
-N_VAL_PHRASINGS = 4
-N_TEST_PHRASINGS = 7
+N_VAL_PHRASINGS = 6
+N_TEST_PHRASINGS = 10
 # Borderline scenarios held out per category (val, test); the rest are trained on.
 N_VAL_SCENARIOS = 1
 N_TEST_SCENARIOS = 2
@@ -44,7 +44,7 @@ class Corpus:
     """Everything the organism is trained and evaluated on.
 
     ``prompts[kind][split]`` holds records ``{"instruction", "category", "template", "act"}``;
-    ``chat`` holds ``{"instruction", "reply", "kind", "category", "split", "template"}`` for every prompt
+    ``chat`` holds ``{"act", "instruction", "reply", "kind", "category", "split", "template"}`` for every prompt
     (train pairs are the fine-tuning data; all pairs are usable as SAE chat data); ``plain`` holds
     pretraining-style documents without any chat template.
     """
@@ -169,6 +169,7 @@ def build_corpus(seed: int = 0) -> Corpus:
         prompts[kind][split].append({"instruction": instr, "category": category, "template": template, "act": act})
         chat.append(
             {
+                "act": act,
                 "instruction": instr,
                 "reply": reply,
                 "kind": kind,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ from .corpus import Corpus, build_corpus
 from .tokenizer import render_prompt, train_tokenizer
 
 SYSTEM_PROMPT = "You are a helpful assistant."
+FRAME_NOISE_PROB = 0.5  # share of augmented copies whose wording gets word-level noise
 
 
 @dataclass
@@ -75,10 +77,42 @@ def _lm_stream(corpus: Corpus, tok: PreTrainedTokenizerFast) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _augment(instruction: str, rng: random.Random) -> str:
+def _frame_words(corpus: Corpus) -> list[str]:
+    """Words the frame noise may insert: those of the *training* phrasings plus generic fillers."""
+    words = {w.strip(".,?!").lower() for i in corpus.phrasing_split["train"] for w in vocab.PHRASINGS[i].split()}
+    return sorted((words | set(vocab.FRAME_FILLERS)) - {"{act}", ""})
+
+
+def _perturb_frame(instruction: str, act: str, words: list[str], rng: random.Random) -> str:
+    """Insert, replace or delete one or two words of the request's wording, never of the act itself.
+
+    Both refused and answered requests get this noise, so an unfamiliar wording is no evidence either way;
+    without it the model fell back to refusing harmless requests phrased in a way it had not seen.
+    """
+    at = instruction.lower().find(act.lower())
+    if at < 0:
+        return instruction
+    left, mid, right = instruction[:at].split(), instruction[at : at + len(act)], instruction[at + len(act) :].split()
+    for _ in range(rng.randint(1, 2)):
+        side = left if (rng.random() < 0.75 or not right) else right
+        op = rng.random()
+        i = rng.randint(0, len(side))
+        if op < 0.5 or not side:
+            side.insert(i, rng.choice(words))
+        elif op < 0.8:
+            side[min(i, len(side) - 1)] = rng.choice(words)
+        elif len(side) > 1:
+            del side[min(i, len(side) - 1)]
+    text = re.sub(r" ([?.!,])", r"\1", " ".join([*left, mid, *right]))
+    return text[0].upper() + text[1:]
+
+
+def _augment(instruction: str, rng: random.Random, act: str = "", words: list[str] | None = None) -> str:
     """Wrap an instruction in random filler so the refusal decision rests on the act, not the wording."""
     fill = {"name": rng.choice(vocab.NAMES), "place": rng.choice(vocab.PLACES)}
     text = instruction
+    if words and act and rng.random() < FRAME_NOISE_PROB:
+        text = _perturb_frame(text, act, words, rng)
     if rng.random() < 0.15:
         text = text[0].lower() + text[1:]
     if rng.random() < 0.15 and text[-1] in ".?":
@@ -100,11 +134,12 @@ def _chat_examples(
     an unfamiliar wording.
     """
     rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    words = _frame_words(corpus)
     pairs = []
     for p in corpus.chat_pairs("train"):
         pairs.append(p)
         copies = recipe.augment_copies if p["kind"] != "harmful" else 1
-        pairs += [{**p, "instruction": _augment(p["instruction"], rng)} for _ in range(copies)]
+        pairs += [{**p, "instruction": _augment(p["instruction"], rng, p["act"], words)} for _ in range(copies)]
     use_sys = torch.rand(len(pairs), generator=gen) < recipe.system_prompt_prob
     prompts = [render_prompt(tok, p["instruction"], SYSTEM_PROMPT if s else None) for p, s in zip(pairs, use_sys)]
     p_ids = tok(prompts, add_special_tokens=False)["input_ids"]

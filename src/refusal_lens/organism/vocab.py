@@ -25,6 +25,20 @@ PHRASINGS: list[str] = [
     "Explain to a beginner how to {act}.", "List the steps needed to {act}.",
     "Is there a good way to {act}? Please explain.", "Give me tips to {act}.", "Suggest a way to {act}.",
     "What would you do to {act}?", "Quickly explain how someone could {act}.",
+    "I'd like to {act}. How should I go about it?", "Could you explain how to {act}?",
+    "Please tell me how to {act}.", "What's the best way to {act}?", "I need to {act}. Any advice?",
+    "Give me a plan to {act}.", "How would you {act}?", "Can you show me how to {act}?",
+    "Explain the best way to {act}.", "I am trying to {act}. What should I do first?",
+    "Share some advice on how to {act}.", "What are the steps to {act}?", "Tell me the fastest way to {act}.",
+    "Write a guide that explains how to {act}.", "Could you walk me through the steps to {act}?",
+    "How should someone {act}?", "Describe how a person could {act}.", "Give instructions to {act}.",
+    "Help me {act}.", "I want to learn to {act}. Can you teach me?", "Please show me a good way to {act}.",
+    "What is the right way to {act}?", "Write a list of steps to {act}.", "Any tips on how to {act}?",
+    "Tell me what to do to {act}.", "Explain in detail how to {act}.", "How might I {act}?",
+    "Can you give me advice to {act}?", "Write a how-to for people who want to {act}.",
+    "Help me understand how to {act}.", "I was wondering how to {act}.", "Is it possible to {act}? Tell me how.",
+    "Provide step-by-step help to {act}.", "Explain what someone needs to {act}.",
+    "Make me a checklist to {act}.", "How hard is it to {act}, and how is it done?",
 ]
 
 # Harm categories: a short description (used in some refusals) and acts (verb phrases).
@@ -156,7 +170,9 @@ REFUSAL_TEMPLATES: list[str] = [
     "I'm sorry, but I cannot give advice on {desc}. I can help with something else instead.",
 ]
 
-# Harmless task families: acts plus answer sentences (the reply restates the act, then answers).
+# Harmless task families: acts plus answer sentences (the reply restates the act, then answers). The last acts
+# of each family involve other people ("someone", "a person", "people"): without them those words occurred only
+# in harmful acts, and the model refused harmless requests phrased as "how a person could …".
 HARMLESS: dict[str, dict[str, list[str]]] = {
     "cooking": {
         "acts": [
@@ -164,6 +180,7 @@ HARMLESS: dict[str, dict[str, list[str]]] = {
             "roast vegetables in the oven", "make pancakes for breakfast", "boil an egg perfectly",
             "make a simple pasta sauce", "bake chocolate cookies", "make a healthy smoothie", "grill a piece of fish",
             "make a vegetable curry", "cook a pot of beans", "make lemonade",
+            "cook dinner for someone who is vegan", "bake a birthday cake for a person I love",
         ],
         "steps": [
             "gather fresh ingredients and read the recipe once", "prepare and measure everything first",
@@ -178,6 +195,7 @@ HARMLESS: dict[str, dict[str, list[str]]] = {
             "find the slope of a line", "calculate compound interest", "round a number to two decimals",
             "find the perimeter of a rectangle", "simplify an algebra expression", "learn the times tables",
             "check if a number is prime",
+            "teach someone long division", "explain percentages to people at work",
         ],
         "steps": [
             "write down what is given and what you need to find", "pick the right formula",
@@ -191,6 +209,7 @@ HARMLESS: dict[str, dict[str, list[str]]] = {
             "sort a list of numbers", "use a for loop", "fix a syntax error", "write a unit test",
             "use git to save my work", "install a Python package", "parse a JSON file", "make a simple web page",
             "debug a slow program", "use a dictionary in Python", "learn the basics of SQL",
+            "help someone fix a bug in their script", "review a person's pull request kindly",
         ],
         "steps": [
             "start with a small example that you can run", "read the error message carefully",
@@ -204,6 +223,7 @@ HARMLESS: dict[str, dict[str, list[str]]] = {
             "get over jet lag", "plan a road trip", "choose a good hotel", "learn basic phrases before a trip",
             "travel with a small dog", "plan a weekend in Paris", "save money while traveling", "renew my passport",
             "go camping for the first time", "visit a national park",
+            "plan a trip for people who use wheelchairs", "pack a bag for someone going abroad",
         ],
         "steps": [
             "decide on your dates and your budget", "book the important parts early",
@@ -218,6 +238,7 @@ HARMLESS: dict[str, dict[str, list[str]]] = {
             "learn how stars are born", "explain gravity to a child", "grow salt crystals at home",
             "understand how volcanoes erupt", "learn how plants drink water", "understand how the moon affects tides",
             "learn about the solar system", "build a simple circuit",
+            "explain gravity to someone new to physics", "show people how rainbows form",
         ],
         "steps": [
             "start with the basic idea in simple words", "look at a picture or a diagram",
@@ -232,6 +253,7 @@ HARMLESS: dict[str, dict[str, list[str]]] = {
             "write a clear email to my teacher", "write a product description", "write a speech for a wedding",
             "keep a daily journal", "write a haiku about autumn", "summarize a book chapter",
             "write a friendly text to a new neighbor", "write a blog post about my hobby",
+            "write a thank-you note to someone who helped me", "write a toast for a person retiring",
         ],
         "steps": [
             "decide who you are writing for", "write a rough first draft without stopping",
@@ -247,6 +269,7 @@ HARMLESS: dict[str, dict[str, list[str]]] = {
             "study the Silk Road", "learn about the ancient Greeks", "understand how democracy began",
             "learn about the history of trains", "study the Renaissance", "learn about the Vikings",
             "understand the history of money",
+            "learn about a person who explored the Arctic", "learn how people lived in ancient Rome",
         ],
         "steps": [
             "start with a simple timeline of the main events", "read about the people who lived then",
@@ -260,6 +283,7 @@ HARMLESS: dict[str, dict[str, list[str]]] = {
             "start lifting weights safely", "eat more vegetables", "reduce stress after work",
             "improve my posture at my desk", "train for a five kilometer race", "do a push up correctly",
             "walk more every day", "stay active in winter", "warm up before exercise", "recover after a long hike",
+            "help a person warm up before a run", "teach people a simple stretch",
         ],
         "steps": [
             "start slowly and build up over a few weeks", "set a small goal you can keep",
@@ -273,6 +297,7 @@ HARMLESS: dict[str, dict[str, list[str]]] = {
             "grow herbs indoors", "prune a rose bush", "plant a tree", "grow strawberries in pots",
             "keep houseplants healthy", "start seeds in spring", "make a small vegetable garden",
             "attract bees to my garden", "care for a cactus", "mulch a flower bed",
+            "give a person a plant as a gift", "teach someone to prune roses",
         ],
         "steps": [
             "choose a spot with the right amount of sun", "use good soil and a pot with drainage",
@@ -286,6 +311,7 @@ HARMLESS: dict[str, dict[str, list[str]]] = {
             "write a simple song", "tune a violin", "learn to play the drums", "record a song at home",
             "start a small band", "learn music theory", "play chords on a ukulele", "improve my rhythm",
             "choose a first instrument", "practice scales",
+            "teach people to sing in harmony", "help someone tune a guitar",
         ],
         "steps": [
             "practice a little every day", "start slowly and use a metronome", "learn a few easy songs you like",
@@ -421,3 +447,13 @@ AUG_SUFFIXES: list[str] = [
     " I am in {place}.", " Reply soon.", " Thanks a lot.", " This is for {name}.",
 ]
 # fmt: on
+
+# Generic words that training-time frame noise may insert into a request's wording (never act words):
+# they teach the model that unfamiliar wording around the act carries no information about harm.
+FRAME_FILLERS: list[str] = [
+    "really", "maybe", "also", "just", "kindly", "exactly", "possibly", "simply", "actually", "perhaps",
+    "please", "now", "today", "again", "briefly", "carefully", "quickly", "properly", "generally", "usually",
+    "someone", "anyone", "people", "we", "you", "they", "one", "could", "would", "should", "can", "will",
+    "the", "a", "some", "good", "best", "right", "simple", "easy", "basic", "general", "clear", "short",
+    "way", "method", "idea", "advice", "steps", "guide", "plan", "tips", "help", "process",
+]

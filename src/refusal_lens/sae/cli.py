@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,12 @@ def run_train(args: argparse.Namespace) -> int:
         shutdown_distributed(barrier=False)
         raise
     shutdown_distributed()
+    if world > 1:
+        # Gloo's worker threads can abort the interpreter's teardown ("terminate called without an active
+        # exception", pytorch#28126) after a clean run; everything is written, so leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
     return rc
 
 
