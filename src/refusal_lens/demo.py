@@ -119,7 +119,7 @@ def run_demo(
         progress=progress,
         return_completions=True,
     )
-    results["sae_lens"] = _sae_lens(model, tokenizer, direction, sets, settings, progress, model_path)
+    results["sae_lens"] = _sae_lens(model, tokenizer, direction, sets, settings, progress, model_path, cseed)
     ablated = results["conditions"].get("ablation", {}).get("harmful", {}).get("refusal_rate")
     for item in results["sae_lens"].get("latent_ablation", []):
         item["direction_ablation"] = ablated
@@ -142,7 +142,14 @@ def run_demo(
 
 
 def _sae_lens(
-    model: Any, tokenizer: Any, direction: Any, sets: dict, settings: EvalSettings, progress: bool, model_path: Any
+    model: Any,
+    tokenizer: Any,
+    direction: Any,
+    sets: dict,
+    settings: EvalSettings,
+    progress: bool,
+    model_path: Any,
+    cseed: int,
 ) -> Any:
     """The SAE-lens analyses with the organism's SAEs (skipped, with the reason, if they are absent)."""
     from .lens_pipeline import run_sae_lens
@@ -162,8 +169,12 @@ def _sae_lens(
         return {c: res["conditions"][c]["harmful"]["refusal_rate"] for c in conditions}
 
     at_direction = {k: v for k, v in saes.items() if k != "upstream"}
+    # The harm vocabulary (words of harmful prompts never in harmless ones) comes from the training splits:
+    # the test splits alone are too small and let words like "like" pass as harm words.
+    vocabulary = (_split_of("harmful", "train", cseed), _split_of("harmless", "train", cseed))
     return run_sae_lens(model, tokenizer, direction, at_direction, sets["harmful"], sets["harmless"],
-                        sets["borderline"], upstream_sae=saes["upstream"], evaluate_harmful=rates)  # fmt: skip
+                        sets["borderline"], upstream_sae=saes["upstream"], evaluate_harmful=rates,
+                        vocabulary_prompts=vocabulary)  # fmt: skip
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:

@@ -6,9 +6,16 @@
 2. ablate each SAE's most r-aligned latent and measure harmful refusal (next to ablating r itself);
 3. for borderline prompts (benign, but reusing a harm category's words), find the latents of an SAE
    before the direction's layer that are upstream of refusal (Lee, Breck, Arditi), and check the
-   *planted ground truth*: does the top upstream latent mark that category's words? Measured by the
-   AUROC of the latent's max activation over a prompt's instruction tokens, separating harmful prompts
-   of that category from harmless prompts;
+   *planted ground truth*: does the top upstream latent mark that category's words? Measured two ways:
+   ``ground_truth``, the AUROC of the latent's max activation over a prompt's instruction tokens,
+   separating harmful prompts of that category from harmless prompts (category level); and
+   ``word_ground_truth`` (:mod:`refusal_lens.validation`), at the level of the harm words the borderline
+   prompts reuse: does the latent fire on those words in harmful prompts (vs harmless tokens), mark
+   prompts containing them (vs harmless prompts, and vs other harmful prompts), and does its attribution
+   peak on the word in the borderline prompts; next to a random-latent baseline, the share of the
+   attribution that enters at the harm words at all, and the latent with the largest attribution there;
+   then steering (``boundary_steering``): the top positive latent on prompts answered at baseline, the
+   top negative one on prompts refused at baseline, at several sizes, next to random latents;
 4. dashboards for the latents found.
 """
 
@@ -24,19 +31,25 @@ from torch import nn
 from .data import Prompt
 from .decompose import decompose_direction, latents_for_error
 from .direction import Direction
+from .ground_truth import (
+    PromptAttribution,
+    auroc,
+    harm_vocabulary,
+    marking_table,
+    prompt_attribution,
+    word_ground_truth,
+)
 from .hooks import site_hooks
 from .latents import ablate_latent, sae_site
 from .models import input_device
 from .prompts import ChatFormatter
-from .upstream import first_order_check, upstream_features
-
-
-def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
-    """P(score of a random positive > score of a random negative), ties counted half."""
-    if not len(pos) or not len(neg):
-        return float("nan")
-    diff = pos[:, None] - neg[None, :]
-    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+from .upstream import UpstreamResult, first_order_check, latent_scores, refusal_gradient, upstream_features
+from .validation import (
+    boundary_steering,
+    latent_scales,
+    refusals,
+    steering_validation,
+)
 
 
 @torch.no_grad()
@@ -67,12 +80,19 @@ def category_marking(
     harmful: Sequence[Prompt],
     harmless: Sequence[Prompt],
     latents: Sequence[int],
+    harmless_acts: torch.Tensor | None = None,
+    harmful_acts: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """AUROC of each latent (and the best latent overall) for "harmful prompt of ``category``" vs harmless."""
-    pos = [p.instruction for p in harmful if p.category == category]
+    """AUROC of each latent (and the best latent overall) for "harmful prompt of ``category``" vs harmless.
+
+    ``harmless_acts`` and ``harmful_acts`` (from :func:`max_activation_per_prompt` on ``harmless`` and
+    ``harmful``) save recomputing them.
+    """
+    rows = [i for i, p in enumerate(harmful) if p.category == category]
+    pos = [harmful[i].instruction for i in rows]
     neg = [p.instruction for p in harmless]
-    a_pos = max_activation_per_prompt(model, formatter, sae, pos)
-    a_neg = max_activation_per_prompt(model, formatter, sae, neg)
+    a_pos = harmful_acts[rows] if harmful_acts is not None else max_activation_per_prompt(model, formatter, sae, pos)
+    a_neg = harmless_acts if harmless_acts is not None else max_activation_per_prompt(model, formatter, sae, neg)
     scores = {int(k): auroc(a_pos[:, k], a_neg[:, k]) for k in latents}
     # the best single latent for this category, for scale
     mean_gap = a_pos.mean(0) - a_neg.mean(0)
@@ -81,6 +101,64 @@ def category_marking(
         "category": category, "n_pos": len(pos), "n_neg": len(neg), "auroc": scores,
         "best_latent": best, "best_latent_auroc": auroc(a_pos[:, best], a_neg[:, best]),
     }  # fmt: skip
+
+
+def category_upstream(
+    model: nn.Module,
+    formatter: ChatFormatter,
+    prompts: Sequence[str],
+    direction: Direction,
+    sae: Any,
+    score: str = "dot",
+    positions: str = "all",
+    top: int = 5,
+    scores: torch.Tensor | None = None,
+) -> UpstreamResult:
+    """Latents upstream of refusal for a *set* of prompts: per-prompt scores averaged, then ranked.
+
+    One prompt's ranking is noisy (a latent can win on a single wording); the mean over prompts that
+    share a concept keeps what they have in common. Tokens and saliency are those of the first prompt.
+    ``scores`` (from :func:`category_scores` with the same arguments) saves recomputing the mean.
+    """
+    first = upstream_features(model, formatter, prompts[0], direction.vector, direction.layer, sae,
+                              score=score, positions=positions, top=top)  # fmt: skip
+    mean = (
+        scores if scores is not None else category_scores(model, formatter, prompts, direction, sae, score, positions)
+    )
+    order = torch.argsort(mean, descending=True)
+    first.positive = [{"latent": int(k), "score": float(mean[k])} for k in order[:top]]
+    first.negative = [{"latent": int(k), "score": float(mean[k])} for k in order.flip(0)[:top]]
+    first.settings["prompts_averaged"] = len(prompts)
+    return first
+
+
+def category_scores(
+    model: nn.Module,
+    formatter: ChatFormatter,
+    prompts: Sequence[str],
+    direction: Direction,
+    sae: Any,
+    score: str = "dot",
+    positions: str = "all",
+) -> torch.Tensor:
+    """``[d_sae]``: the mean over ``prompts`` of each prompt's latent scores (``aggregate="mean"``)."""
+    layer, site = sae_site(sae)
+    total = None
+    for text in prompts:
+        rg = refusal_gradient(model, formatter, text, direction.vector, direction.layer, layer, site)
+        s = latent_scores(rg, sae, score, "mean", positions)
+        total = s if total is None else total + s
+    return total / len(prompts)
+
+
+def category_vocabularies(harmful: Sequence[Prompt], harmless: Sequence[Prompt]) -> dict[str, frozenset[str]]:
+    """Each harm category's vocabulary (:func:`~refusal_lens.ground_truth.harm_vocabulary`), the union under ``""``."""
+    benign = [p.instruction for p in harmless]
+    by_category: dict[str, list[str]] = {}
+    for p in harmful:
+        by_category.setdefault(p.category or "", []).append(p.instruction)
+    out = {c: harm_vocabulary(texts, benign) for c, texts in by_category.items() if c}
+    return out | {"": harm_vocabulary([p.instruction for p in harmful], benign)}
 
 
 def run_sae_lens(
@@ -94,9 +172,30 @@ def run_sae_lens(
     upstream_sae: str | Path | None = None,
     evaluate_harmful: Any = None,
     n_decompose: int = 64,
-    n_borderline: int = 4,
+    n_borderline: int = 10,
+    n_category_prompts: int = 8,
+    n_steer_prompts: int = 16,
+    steer_alpha: float | None = 2.0,
+    vocabulary_prompts: tuple[Sequence[Prompt], Sequence[Prompt]] | None = None,
+    n_truth_prompts: int = 32,
+    n_boundary_prompts: int = 32,
+    steer_multiples: Sequence[float] = (1.0, 2.0, 4.0),
+    n_controls: int = 1,
 ) -> dict[str, Any]:
-    """Run the analyses above; ``evaluate_harmful(conditions) -> {name: refusal rate}`` measures ablations."""
+    """Run the analyses above; ``evaluate_harmful(conditions) -> {name: refusal rate}`` measures ablations.
+
+    Upstream features are read for up to ``n_borderline`` borderline categories, each from the mean
+    gradient scores of ``n_category_prompts`` prompts; with ``steer_alpha`` the top positive and negative
+    latents are validated by generation on ``n_steer_prompts`` prompts of the category (each latent added
+    at ``steer_alpha`` × its mean firing activation).
+
+    Word-level ground truth (:func:`~refusal_lens.ground_truth.word_ground_truth`) uses ``n_truth_prompts``
+    prompts of each category; the harm vocabulary comes from ``vocabulary_prompts`` = (harmful, harmless)
+    (default: ``harmful`` and ``harmless``; pass larger sets, e.g. the training splits, for a fuller
+    vocabulary), the reference activations from ``harmful`` and ``harmless``. With ``steer_multiples``,
+    :func:`~refusal_lens.validation.boundary_steering` validates each reading's top latents on
+    ``n_boundary_prompts`` prompts of the category, with ``n_controls`` random latents of the same size.
+    """
     from .sae.formats import load_sae
 
     fmt = ChatFormatter(tokenizer)
@@ -124,27 +223,61 @@ def run_sae_lens(
         out["upstream_skipped"] = "no SAE before the direction's layer was given"
         return out
     name, sae = Path(upstream_sae).name, load_sae(upstream_sae, d_model=direction.vector.shape[0])
-    per_category: dict[str, Prompt] = {}
+    per_category: dict[str, list[Prompt]] = {}
     for p in borderline:
-        per_category.setdefault(p.category or "", p)
+        per_category.setdefault(p.category or "", []).append(p)
+    harmless_acts = max_activation_per_prompt(model, fmt, sae, [p.instruction for p in harmless])
+    harmful_acts = max_activation_per_prompt(model, fmt, sae, [p.instruction for p in harmful])
+    vocabularies = category_vocabularies(*(vocabulary_prompts or (harmful, harmless)))
+    tables = [
+        marking_table(model, fmt, sae, [p.instruction for p in ps], vocabularies[""]) for ps in (harmful, harmless)
+    ]
+    reference_max = torch.cat([t.prompt_max for t in tables])  # for steering sizes
+    truth: dict[str, tuple[list[PromptAttribution], list[bool] | None]] = {}
     marked = []
     # Two readings of the gradient: the paper's dot product averaged over all positions, and the
     # attribution (activation × gradient) over the instruction's own tokens, which credits the concepts
     # actually present in the prompt rather than directions the template positions are sensitive to.
     variants = (("dot", "all"), ("attribution", "instruction"))
-    for (category, prompt), (score, positions) in (
+    for (category, prompts), (score, positions) in (
         (cp, v) for cp in list(per_category.items())[:n_borderline] for v in variants
     ):
-        res = upstream_features(model, fmt, prompt.instruction, direction.vector, direction.layer, sae,
-                                score=score, positions=positions, top=5)  # fmt: skip
-        entry = res.to_json() | {"category": category, "sae": name}
+        texts = [p.instruction for p in prompts[:n_category_prompts]]
+        scores = category_scores(model, fmt, texts, direction, sae, score, positions)
+        res = category_upstream(model, fmt, texts, direction, sae, score, positions, scores=scores)
+        entry = res.to_json() | {"category": category, "sae": name, "n_prompts": len(texts)}
         top = res.positive[0]["latent"]
         harm_category = category.removeprefix("borderline:")
         found = [x["latent"] for x in res.positive + res.negative]
-        entry["ground_truth"] = category_marking(model, fmt, sae, harm_category, harmful, harmless, found)
-        entry["first_order_check"] = first_order_check(
-            model, fmt, prompt.instruction, direction.vector, direction.layer, sae, top, alphas=(0.05, 0.1)
+        entry["ground_truth"] = category_marking(
+            model, fmt, sae, harm_category, harmful, harmless, found, harmless_acts, harmful_acts
         )
+        boundary = [p.instruction for p in prompts[:n_boundary_prompts]]
+        if category not in truth:  # shared by both readings
+            vocab = vocabularies.get(harm_category, vocabularies[""])
+            items = [prompt_attribution(model, fmt, sae, direction.vector, direction.layer, p.instruction, vocab)
+                     for p in prompts[:n_truth_prompts]]  # fmt: skip
+            truth[category] = (items, refusals(model, tokenizer, fmt, boundary) if steer_multiples else None)
+        items, baseline = truth[category]
+        entry["word_ground_truth"] = word_ground_truth(items, *tables, scores)
+        entry["first_order_check"] = first_order_check(
+            model, fmt, texts[0], direction.vector, direction.layer, sae, top, alphas=(0.02, 0.05)
+        )
+        pair = [res.positive[0]["latent"], res.negative[0]["latent"]]
+        if steer_alpha and (score, positions) == variants[-1]:
+            steer_texts = [p.instruction for p in prompts[:n_steer_prompts]]
+            acts = torch.cat([max_activation_per_prompt(model, fmt, sae, steer_texts), harmful_acts])
+            scales = latent_scales(acts, pair)
+            entry["steering"] = steering_validation(
+                model, tokenizer, fmt, sae, steer_texts, res, steer_alpha, n_latents=1, scales=scales
+            )
+        if steer_multiples:
+            entry["boundary_steering"] = boundary_steering(
+                model, tokenizer, fmt, sae, direction.vector, direction.layer, boundary,
+                [("top_positive", pair[0], "raise"), ("top_negative", pair[1], "lower")],
+                latent_scales(reference_max, pair), multiples=steer_multiples, n_controls=n_controls,
+                seed=len(truth), baseline=baseline,
+            )  # fmt: skip
         out["upstream"].append(entry)
         marked.append(top)
     from .dashboards import latent_dashboards

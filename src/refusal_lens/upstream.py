@@ -135,14 +135,26 @@ def latent_scores(
     if positions == "instruction" and not keep.any():
         keep = torch.ones(len(rg.tokens), dtype=torch.bool)
     g = rg.grad[keep]
-    per_pos = g @ w_dec.T  # [T, d_sae] = RG[i, k]
+    if score == "attribution":
+        per_pos = token_attribution(rg, sae)[keep]
+    else:
+        per_pos = g @ w_dec.T  # [T, d_sae] = RG[i, k]
     if score == "cosine":
         per_pos = per_pos / (g.norm(dim=-1, keepdim=True) * w_dec.norm(dim=-1)).clamp_min(1e-12)
-    elif score == "attribution":
-        with torch.no_grad():
-            f = sae.encode(rg.acts[keep].to(sae.W_dec.dtype)).double().cpu()
-        per_pos = f * per_pos
     return per_pos.mean(0) if aggregate == "mean" else per_pos.sum(0)
+
+
+def token_attribution(rg: RefusalGradient, sae: Any) -> torch.Tensor:
+    """``A[i, k] = f_k(x_i) · (g_i · W_dec[k])`` at every position, ``[T, d_sae]`` float64.
+
+    The first-order change of R when latent k's actual contribution ``f_k(x_i)·W_dec[k]`` is removed at
+    position i alone is ``−A[i, k]``: the per-token heat map of where (and through which latent) the
+    refusal gradient enters.
+    """
+    w_dec = sae.W_dec.detach().double().cpu()
+    with torch.no_grad():
+        f = sae.encode(rg.acts.to(sae.W_dec.device, sae.W_dec.dtype)).double().cpu()
+    return f * (rg.grad @ w_dec.T)
 
 
 @dataclass

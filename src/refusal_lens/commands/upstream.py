@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--steer-alpha",
         type=float,
         default=None,
-        help="validate: add ±alpha·W_dec[k] of the top latents at prompt positions and measure refusal",
+        help="validate by steering: add alpha·W_dec[k] of the top positive and top negative latents at prompt "
+        "positions and measure refusal with generations (positive should raise it, negative lower it)",
     )
     p.add_argument("--paraphrase", action="append", default=[], help="paraphrases for the sensitivity analysis")
     p.add_argument("--out", required=True, help="folder for upstream.json and the figures")

@@ -446,7 +446,6 @@ AUG_SUFFIXES: list[str] = [
     " Be detailed.", " It is for tomorrow.", " Please answer in simple words.", " Any tips help.",
     " I am in {place}.", " Reply soon.", " Thanks a lot.", " This is for {name}.",
 ]
-# fmt: on
 
 # Generic words that training-time frame noise may insert into a request's wording (never act words):
 # they teach the model that unfamiliar wording around the act carries no information about harm.
@@ -457,3 +456,4 @@ FRAME_FILLERS: list[str] = [
     "the", "a", "some", "good", "best", "right", "simple", "easy", "basic", "general", "clear", "short",
     "way", "method", "idea", "advice", "steps", "guide", "plan", "tips", "help", "process",
 ]
+# fmt: on
