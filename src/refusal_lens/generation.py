@@ -177,21 +177,33 @@ def generate(
         new = gen[:, inputs["input_ids"].shape[1] :].tolist()
         for p, row in zip(chunk, new):
             ids, finished = _cut(row, set(stops))
-            text = tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
-            out.append(
-                Completion(
-                    prompt=p.instruction,
-                    completion=text,
-                    category=p.category,
-                    intervention=intervention,
-                    prompt_set=prompt_set,
-                    n_tokens=len(ids),
-                    finished=finished,
-                    settings=settings.to_json(),
-                    token_ids=ids,
-                )
-            )
+            out.append(completion_record(p, ids, finished, stops, tokenizer, settings, intervention, prompt_set))
     return out
+
+
+def completion_record(
+    prompt: Prompt,
+    ids: list[int],
+    finished: bool,
+    stops: Sequence[int],
+    tokenizer: Any,
+    settings: GenerationSettings,
+    intervention: str,
+    prompt_set: str | None,
+) -> Completion:
+    """The :class:`Completion` for generated token ids (end-of-turn ids kept in ``token_ids``, not in the text)."""
+    text = tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
+    return Completion(
+        prompt=prompt.instruction,
+        completion=text,
+        category=prompt.category,
+        intervention=intervention,
+        prompt_set=prompt_set,
+        n_tokens=len(ids),
+        finished=finished,
+        settings=settings.to_json(),
+        token_ids=ids,
+    )
 
 
 def save_completions(path: str | os.PathLike, completions: Sequence[Completion]) -> None:

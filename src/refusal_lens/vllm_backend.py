@@ -31,7 +31,7 @@ from torch import nn
 
 from .data import Prompt
 from .errors import UserError
-from .generation import Completion, GenerationSettings, _cut, end_of_turn_ids
+from .generation import Completion, GenerationSettings, _cut, completion_record, end_of_turn_ids
 from .prompts import ChatFormatter
 
 VLLM_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
@@ -168,18 +168,7 @@ def _completion(
         reason = getattr(output, "stop_reason", None)
         if isinstance(reason, int):
             ids.append(reason)
-    text = tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
-    return Completion(
-        prompt=prompt.instruction,
-        completion=text,
-        category=prompt.category,
-        intervention=condition,
-        prompt_set=prompt_set,
-        n_tokens=len(ids),
-        finished=finished,
-        settings=settings.to_json(),
-        token_ids=ids,
-    )
+    return completion_record(prompt, ids, finished, stops, tokenizer, settings, condition, prompt_set)
 
 
 def vllm_interventions(chosen: Sequence[str], explicit: bool, post_norms: bool) -> tuple[list[str], dict[str, str]]:
