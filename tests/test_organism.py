@@ -161,3 +161,25 @@ def test_full_training_meets_targets(tmp_path, seed):
     beh = info["behaviour"]
     assert beh["harmful_test"]["refusal_rate"] >= 0.95
     assert beh["harmless_test"]["refusal_rate"] <= 0.02
+
+
+def test_frame_noise_changes_only_the_wording_around_the_act(corpus):
+    import random
+    import re
+
+    from refusal_lens.organism import vocab
+    from refusal_lens.organism.train import _frame_words, _perturb_frame
+
+    words = _frame_words(corpus)
+    train_words = {w.strip(".,?!").lower() for i in corpus.phrasing_split["train"] for w in vocab.PHRASINGS[i].split()}
+    assert set(words) <= train_words | set(vocab.FRAME_FILLERS)  # nothing from held-out phrasings leaks in
+    rng, changed = random.Random(0), 0
+    for p in corpus.chat_pairs("train")[::97]:
+        out = _perturb_frame(p["instruction"], p["act"], words, rng)
+        assert p["act"].lower() in out.lower()  # the act itself is never touched
+        frame = out.lower().replace(p["act"].lower(), " ")
+        original = p["instruction"].lower().replace(p["act"].lower(), " ")
+        allowed = set(re.findall(r"[\w'-]+", original)) | set(words)
+        assert set(re.findall(r"[\w'-]+", frame)) <= allowed
+        changed += out != p["instruction"]
+    assert changed >= 0.8 * len(corpus.chat_pairs("train")[::97])
