@@ -48,11 +48,12 @@ from refusal_lens.ground_truth import (  # noqa: E402
     prompt_attribution,
     word_ground_truth,
 )
-from refusal_lens.lens_pipeline import category_scores, category_vocabularies  # noqa: E402
+from refusal_lens.lens_pipeline import category_gradients, category_scores, category_vocabularies  # noqa: E402
 from refusal_lens.models import load_model  # noqa: E402
 from refusal_lens.organism import chat_pairs, load_split, shipped_direction, shipped_saes  # noqa: E402
 from refusal_lens.prompts import ChatFormatter  # noqa: E402
 from refusal_lens.sae.formats import load_sae  # noqa: E402
+from refusal_lens.upstream import RefusalGradient  # noqa: E402
 from refusal_lens.validation import (  # noqa: E402
     boundary_steering,
     latent_scales,
@@ -87,7 +88,7 @@ def category_report(
     sae: Any,
     direction: Direction,
     items: list[PromptAttribution],
-    texts: list[str],
+    grads: list[RefusalGradient],
     steer: list[str],
     tables: tuple[MarkingTable, MarkingTable],
     args: argparse.Namespace,
@@ -97,7 +98,7 @@ def category_report(
     baseline = refusals(model, tokenizer, fmt, steer)
     out: dict[str, Any] = {"n_steer_prompts": len(steer), "baseline_refusal_rate": sum(baseline) / len(baseline)}
     for score, positions in READINGS:
-        scores = category_scores(model, fmt, texts, direction, sae, score, positions)
+        scores = category_scores(grads, sae, score, positions)
         truth = word_ground_truth(items, *tables, scores)
         roles = {x["role"]: x["latent"] for x in truth.get("latents", [])}
         roles.setdefault("top_positive", int(scores.argmax()))
@@ -225,9 +226,10 @@ def main() -> None:
         if args.categories and harm not in args.categories:
             continue
         vocab = vocabularies[harm]
-        items = [prompt_attribution(model, fmt, sae, direction.vector, direction.layer, t, vocab) for t in texts]
+        grads = category_gradients(model, fmt, texts, direction, sae)  # shared by every reading
+        items = [prompt_attribution(fmt, sae, t, rg, vocab) for t, rg in zip(texts, grads)]
         steer = [p.instruction for p in steer_pool if p.category == category]
-        report[category] = category_report(model, tokenizer, fmt, sae, direction, items, texts, steer, tables, args, i)
+        report[category] = category_report(model, tokenizer, fmt, sae, direction, items, grads, steer, tables, args, i)
         print(f"{category}: done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     print_tables(report)
     if args.json:

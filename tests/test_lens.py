@@ -154,14 +154,15 @@ def test_latent_steering_contexts(llama, tokenizer):
 
 def test_category_upstream_ranks_by_the_mean_of_per_prompt_scores(model64, tokenizer):
     from refusal_lens.direction import Direction
-    from refusal_lens.lens_pipeline import category_upstream
+    from refusal_lens.lens_pipeline import category_gradients, category_upstream
 
     fmt = ChatFormatter(tokenizer)
     r = torch.randn(32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     sae = _sae("standard", dtype="float64")
     direction = Direction(r, 3, -1, None, {})
     prompts = ["how do i bake bread", "how do i make a bomb", "tell me about gardens"]
-    res = category_upstream(model64, fmt, prompts, direction, sae, "attribution", "instruction", top=4)
+    grads = category_gradients(model64, fmt, prompts, direction, sae)
+    res = category_upstream(prompts, grads, sae, "attribution", "instruction", top=4)
     # independent recomputation: each prompt's attribution over its instruction tokens, then the mean
     per_prompt = []
     for p in prompts:

@@ -37,7 +37,7 @@ from .hooks import site_hooks
 from .latents import sae_site
 from .models import input_device
 from .prompts import ChatFormatter
-from .upstream import _instruction_mask, refusal_gradient, token_attribution
+from .upstream import RefusalGradient, _instruction_mask, token_attribution
 
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 
@@ -199,17 +199,9 @@ class PromptAttribution:
 
 
 def prompt_attribution(
-    model: nn.Module,
-    formatter: ChatFormatter,
-    sae: Any,
-    direction: torch.Tensor,
-    target_layer: int,
-    prompt: str,
-    vocabulary: frozenset[str],
+    formatter: ChatFormatter, sae: Any, prompt: str, rg: RefusalGradient, vocabulary: frozenset[str]
 ) -> PromptAttribution:
-    """Refusal gradient, per-token attribution and harm-word tokens of one prompt."""
-    layer, site = sae_site(sae)
-    rg = refusal_gradient(model, formatter, prompt, direction, target_layer, layer, site)
+    """Per-token attribution and harm-word tokens of one prompt, from its refusal gradient ``rg``."""
     attr = token_attribution(rg, sae)
     words = harm_words(prompt, vocabulary)
     mask = word_token_mask(formatter, prompt, words) if words else torch.zeros(len(rg.tokens), dtype=torch.bool)

@@ -43,7 +43,14 @@ from .hooks import site_hooks
 from .latents import ablate_latent, sae_site
 from .models import input_device
 from .prompts import ChatFormatter
-from .upstream import UpstreamResult, first_order_check, latent_scores, refusal_gradient, upstream_features
+from .upstream import (
+    RefusalGradient,
+    UpstreamResult,
+    first_order_check,
+    latent_scores,
+    refusal_gradient,
+    upstream_result,
+)
 from .validation import (
     boundary_steering,
     latent_scales,
@@ -103,11 +110,24 @@ def category_marking(
     }  # fmt: skip
 
 
+def category_gradients(
+    model: nn.Module, formatter: ChatFormatter, prompts: Sequence[str], direction: Direction, sae: Any
+) -> list[RefusalGradient]:
+    """The refusal gradient of each prompt at the SAE's site (one backward pass each, shared by every reading)."""
+    layer, site = sae_site(sae)
+    return [refusal_gradient(model, formatter, p, direction.vector, direction.layer, layer, site) for p in prompts]
+
+
+def category_scores(
+    gradients: Sequence[RefusalGradient], sae: Any, score: str = "dot", positions: str = "all"
+) -> torch.Tensor:
+    """``[d_sae]``: the mean over prompts of each prompt's latent scores (``aggregate="mean"``)."""
+    return torch.stack([latent_scores(rg, sae, score, "mean", positions) for rg in gradients]).mean(0)
+
+
 def category_upstream(
-    model: nn.Module,
-    formatter: ChatFormatter,
     prompts: Sequence[str],
-    direction: Direction,
+    gradients: Sequence[RefusalGradient],
     sae: Any,
     score: str = "dot",
     positions: str = "all",
@@ -120,35 +140,9 @@ def category_upstream(
     share a concept keeps what they have in common. Tokens and saliency are those of the first prompt.
     ``scores`` (from :func:`category_scores` with the same arguments) saves recomputing the mean.
     """
-    first = upstream_features(model, formatter, prompts[0], direction.vector, direction.layer, sae,
-                              score=score, positions=positions, top=top)  # fmt: skip
-    mean = (
-        scores if scores is not None else category_scores(model, formatter, prompts, direction, sae, score, positions)
-    )
-    order = torch.argsort(mean, descending=True)
-    first.positive = [{"latent": int(k), "score": float(mean[k])} for k in order[:top]]
-    first.negative = [{"latent": int(k), "score": float(mean[k])} for k in order.flip(0)[:top]]
-    first.settings["prompts_averaged"] = len(prompts)
-    return first
-
-
-def category_scores(
-    model: nn.Module,
-    formatter: ChatFormatter,
-    prompts: Sequence[str],
-    direction: Direction,
-    sae: Any,
-    score: str = "dot",
-    positions: str = "all",
-) -> torch.Tensor:
-    """``[d_sae]``: the mean over ``prompts`` of each prompt's latent scores (``aggregate="mean"``)."""
-    layer, site = sae_site(sae)
-    total = None
-    for text in prompts:
-        rg = refusal_gradient(model, formatter, text, direction.vector, direction.layer, layer, site)
-        s = latent_scores(rg, sae, score, "mean", positions)
-        total = s if total is None else total + s
-    return total / len(prompts)
+    mean = scores if scores is not None else category_scores(gradients, sae, score, positions)
+    return upstream_result(prompts[0], gradients[0], mean, top, score=score, aggregate="mean", positions=positions,
+                           prompts_averaged=len(prompts))  # fmt: skip
 
 
 def category_vocabularies(harmful: Sequence[Prompt], harmless: Sequence[Prompt]) -> dict[str, frozenset[str]]:
@@ -234,6 +228,7 @@ def run_sae_lens(
     ]
     reference_max = torch.cat([t.prompt_max for t in tables])  # for steering sizes
     truth: dict[str, tuple[list[PromptAttribution], list[bool] | None]] = {}
+    gradients: dict[str, list[RefusalGradient]] = {}
     marked = []
     # Two readings of the gradient: the paper's dot product averaged over all positions, and the
     # attribution (activation × gradient) over the instruction's own tokens, which credits the concepts
@@ -242,9 +237,14 @@ def run_sae_lens(
     for (category, prompts), (score, positions) in (
         (cp, v) for cp in list(per_category.items())[:n_borderline] for v in variants
     ):
+        if category not in gradients:  # one backward pass per prompt, shared by both readings and the truth
+            n_grad = max(n_category_prompts, n_truth_prompts)
+            gradients[category] = category_gradients(model, fmt, [p.instruction for p in prompts[:n_grad]], direction,
+                                                     sae)  # fmt: skip
+        grads = gradients[category]
         texts = [p.instruction for p in prompts[:n_category_prompts]]
-        scores = category_scores(model, fmt, texts, direction, sae, score, positions)
-        res = category_upstream(model, fmt, texts, direction, sae, score, positions, scores=scores)
+        scores = category_scores(grads[: len(texts)], sae, score, positions)
+        res = category_upstream(texts, grads, sae, score, positions, scores=scores)
         entry = res.to_json() | {"category": category, "sae": name, "n_prompts": len(texts)}
         top = res.positive[0]["latent"]
         harm_category = category.removeprefix("borderline:")
@@ -255,8 +255,8 @@ def run_sae_lens(
         boundary = [p.instruction for p in prompts[:n_boundary_prompts]]
         if category not in truth:  # shared by both readings
             vocab = vocabularies.get(harm_category, vocabularies[""])
-            items = [prompt_attribution(model, fmt, sae, direction.vector, direction.layer, p.instruction, vocab)
-                     for p in prompts[:n_truth_prompts]]  # fmt: skip
+            items = [prompt_attribution(fmt, sae, p.instruction, rg, vocab)
+                     for p, rg in zip(prompts[:n_truth_prompts], grads)]  # fmt: skip
             truth[category] = (items, refusals(model, tokenizer, fmt, boundary) if steer_multiples else None)
         items, baseline = truth[category]
         entry["word_ground_truth"] = word_ground_truth(items, *tables, scores)

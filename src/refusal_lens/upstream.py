@@ -191,13 +191,21 @@ def upstream_features(
     else:
         layer, site = (target_layer - 1 if source_layer is None else source_layer), "resid_pre"
     rg = refusal_gradient(model, formatter, prompt, direction, target_layer, layer, site, target_position)
+    scores = latent_scores(rg, sae, score, aggregate, positions) if sae is not None else None
+    return upstream_result(prompt, rg, scores, top, score=score, aggregate=aggregate, positions=positions)
+
+
+def upstream_result(
+    prompt: str, rg: RefusalGradient, scores: torch.Tensor | None, top: int = 10, **settings: Any
+) -> UpstreamResult:
+    """The :class:`UpstreamResult` of a computed gradient and per-latent ``scores`` (None: saliency only)."""
     pos: list[dict[str, float]] = []
     neg: list[dict[str, float]] = []
-    if sae is not None:
-        s = latent_scores(rg, sae, score, aggregate, positions)
-        order = torch.argsort(s, descending=True)
-        pos = [{"latent": int(k), "score": float(s[k])} for k in order[:top]]
-        neg = [{"latent": int(k), "score": float(s[k])} for k in order.flip(0)[:top]]
+    if scores is not None:
+        order = torch.argsort(scores, descending=True)
+        pos = [{"latent": int(k), "score": float(scores[k])} for k in order[:top]]
+        neg = [{"latent": int(k), "score": float(scores[k])} for k in order.flip(0)[:top]]
+    layer, site = rg.source
     return UpstreamResult(
         prompt=prompt,
         value=rg.value,
@@ -208,11 +216,9 @@ def upstream_features(
         settings={
             "source_layer": layer,
             "source_site": site,
-            "target_layer": target_layer,
-            "target_position": target_position,
-            "score": score,
-            "aggregate": aggregate,
-            "positions": positions,
+            "target_layer": rg.target_layer,
+            "target_position": rg.target_position,
+            **settings,
         },
     )
 
