@@ -16,8 +16,9 @@ from refusal_lens.sae.formats import detect_format
 D, M = 12, 40
 
 
-def trained_like(arch: str):
-    sae = create_sae(SAEConfig(arch=arch, d_in=D, width=M, k=5), torch.Generator().manual_seed(0))
+def trained_like(arch: str, d: int = D, width: int = M, k: int = 5):
+    """An SAE whose biases and thresholds are non-zero, as after training (a BatchTopK threshold is fitted)."""
+    sae = create_sae(SAEConfig(arch=arch, d_in=d, width=width, k=k), torch.Generator().manual_seed(0))
     with torch.no_grad():
         g = torch.Generator().manual_seed(1)
         for name, p in sae.named_parameters():
@@ -27,7 +28,7 @@ def trained_like(arch: str):
                 p.copy_(0.05 + 0.1 * torch.rand(p.shape, generator=g))
     if arch == "batchtopk":
         sae.train()
-        sae(torch.randn(64, D, generator=g))
+        sae(torch.randn(64, d, generator=g))
     return sae.eval()
 
 

@@ -9,31 +9,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refusal_lens.sae import ARCHITECTURES, SAEConfig, create_sae, save_saelens, save_sparsify
+from refusal_lens.sae import ARCHITECTURES, save_saelens, save_sparsify
+
+from .test_formats import trained_like
 
 D, M = 16, 48
 X = torch.randn(64, D, generator=torch.Generator().manual_seed(0))
 
 
-def trained_like(arch: str):
-    g = torch.Generator().manual_seed(1)
-    sae = create_sae(SAEConfig(arch=arch, d_in=D, width=M, k=6), g)
-    with torch.no_grad():
-        for name, p in sae.named_parameters():
-            if name.startswith("b_") or name == "r_mag":
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            if name == "threshold":
-                p.copy_(0.05 + 0.1 * torch.rand(p.shape, generator=g))
-    if arch == "batchtopk":
-        sae.train()
-        sae(torch.randn(128, D, generator=g))
-    return sae.eval()
-
-
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_saelens_loads_our_files(arch, tmp_path):
     sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install -e .[interop])")
-    ours = trained_like(arch)
+    ours = trained_like(arch, D, M, k=6)
     save_saelens(ours, tmp_path, {"model_name": "tiny", "hook_name": "blocks.1.hook_resid_pre"})
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path), device="cpu")
     with torch.no_grad():
@@ -46,7 +33,7 @@ def test_sparsify_loads_our_files(tmp_path):
     sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is not installed (pip install -e .[interop])")
     if not hasattr(sparsify, "SparseCoder"):
         pytest.skip("the installed 'sparsify' is not EleutherAI's (that one is published as eai-sparsify)")
-    ours = trained_like("topk")
+    ours = trained_like("topk", D, M, k=6)
     folder = save_sparsify(ours, tmp_path / "layers.1")
     theirs = sparsify.SparseCoder.load_from_disk(folder, device="cpu")
     with torch.no_grad():
@@ -62,7 +49,7 @@ def test_we_load_files_saelens_wrote(arch, tmp_path):
     sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install -e .[interop])")
     from refusal_lens.sae import load_sae
 
-    ours = trained_like(arch)
+    ours = trained_like(arch, D, M, k=6)
     save_saelens(ours, tmp_path / "ours", {"hook_name": "blocks.2.hook_mlp_out"})
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "ours"), device="cpu")
     theirs.save_model(tmp_path / "theirs")
