@@ -1,6 +1,6 @@
 """The organism's planted ground truth for features upstream of refusal (Lee, Breck, Arditi 2025), per category.
 
-    python scripts/upstream_ground_truth.py [--per-scenario 4] [--controls 3] [--multiples 1 2 4]
+    python scripts/upstream_ground_truth.py [--per-scenario 4] [--controls 3] [--multiples 1 2 4 16]
                                             [--categories weapons drugs ...] [--json OUT]
 
 (about 4 minutes on 2 CPU cores for all ten categories.) Uses the shipped organism, its refusal direction
@@ -22,7 +22,11 @@
   on the prompts answered at baseline, the top negative latent on the prompts refused at baseline, each at
   ``--multiples`` × its mean firing activation (added at the prompt's positions), next to ``--controls``
   random latents of the same size: refusal rate (greedy, 32 new tokens, substring judge) and mean change
-  of R = <resid_5[last], r̂>.
+  of R = <resid_5[last], r̂>;
+* where the harm word's effect passes (:mod:`refusal_lens.mediation`): on the val+test borderline prompts with
+  harm words, swap the words for a neutral word of the same token length (kept if R drops by >= 1) and patch
+  the swapped run into the original at resid_pre[l] on the word's tokens, the other instruction tokens or
+  the template: the share of the drop each recovers, per layer, and how many refusals the swap removes.
 """
 
 from __future__ import annotations
@@ -44,11 +48,13 @@ from refusal_lens.direction import Direction  # noqa: E402
 from refusal_lens.ground_truth import (  # noqa: E402
     MarkingTable,
     PromptAttribution,
+    harm_words,
     marking_table,
     prompt_attribution,
     word_ground_truth,
 )
 from refusal_lens.lens_pipeline import category_gradients, category_scores, category_vocabularies  # noqa: E402
+from refusal_lens.mediation import swap_words, word_mediation  # noqa: E402
 from refusal_lens.models import load_model  # noqa: E402
 from refusal_lens.organism import chat_pairs, load_split, shipped_direction, shipped_saes  # noqa: E402
 from refusal_lens.prompts import ChatFormatter  # noqa: E402
@@ -199,11 +205,42 @@ def print_tables(report: dict[str, Any]) -> None:
         for c, r in report.items()))  # fmt: skip
 
 
+def mediation_report(
+    model: Any, tokenizer: Any, fmt: ChatFormatter, direction: Direction, pool: list[Prompt], vocabularies: dict
+) -> dict[str, Any]:
+    """Is the harm word causal for borderline refusal, and where does its effect pass? (module doc)"""
+    items = [(p.instruction, harm_words(p.instruction, vocabularies[p.category.removeprefix("borderline:")]))
+             for p in pool if p.category]  # fmt: skip
+    items = [x for x in items if x[1]]
+    out = word_mediation(model, fmt, items, direction.vector, direction.layer, min_effect=1.0)
+    swapped = [(t, s) for t, w in items if (s := swap_words(fmt, t, w)) is not None]
+    before = refusals(model, tokenizer, fmt, [t for t, _ in swapped])
+    refused = [s for (_, s), b in zip(swapped, before) if b]
+    after = refusals(model, tokenizer, fmt, refused) if refused else []
+    out["refusal"] = {"n_swappable": len(swapped), "n_refused": len(refused),
+                      "still_refused_after_swap": sum(after) / len(after) if after else float("nan")}  # fmt: skip
+    return out
+
+
+def print_mediation(med: dict[str, Any]) -> None:
+    ref = med["refusal"]
+    print(
+        f"\nswapping the harm word for a neutral word: {ref['n_refused']} of {ref['n_swappable']} borderline prompts "
+        f"are refused; {ref['still_refused_after_swap']:.0%} of those are still refused after the swap"
+    )
+    table(
+        f"Where the harm word's effect on R passes ({med['n_prompts']} prompts, R {med['mean_R']:.2f} -> "
+        f"{med['mean_R_swapped']:.2f} after the swap): share recovered by patching only these positions",
+        ["resid_pre layer", "harm-word tokens", "other instruction", "template"],
+        [[x["layer"], *(x["shares"][g] for g in ("word", "instruction", "template"))] for x in med["layers"]],
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-scenario", type=int, default=4, help="phrasings per borderline scenario (default 4)")
     ap.add_argument("--controls", type=int, default=3, help="random control latents per setting (default 3)")
-    ap.add_argument("--multiples", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    ap.add_argument("--multiples", type=float, nargs="+", default=[1.0, 2.0, 4.0, 16.0])
     ap.add_argument("--categories", nargs="+", help="harm categories (default: all)")
     ap.add_argument("--json", type=Path, help="also write the full report here")
     ap.add_argument("--sae", type=Path, help="upstream SAE folder (default: the organism's, chat data, layer 3)")
@@ -232,8 +269,10 @@ def main() -> None:
         report[category] = category_report(model, tokenizer, fmt, sae, direction, items, grads, steer, tables, args, i)
         print(f"{category}: done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     print_tables(report)
+    mediation = mediation_report(model, tokenizer, fmt, direction, steer_pool, vocabularies)
+    print_mediation(mediation)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1, default=float))
+        args.json.write_text(json.dumps({"categories": report, "word_mediation": mediation}, indent=1, default=float))
     print(f"\n({time.perf_counter() - start:.0f} s)")
 
 

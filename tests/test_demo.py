@@ -147,11 +147,41 @@ def test_upstream_word_ground_truth_is_measured(demo):
         assert at_word["on_word_rate"] is None or at_word["on_word_rate"] >= truth["chance_on_word"]
 
 
-# Issue 6's planted ground truth is not recovered on this organism (README, "Features upstream of refusal").
+def test_top_negative_latent_lowers_refusal_at_large_size(demo):
+    _, _, r = demo
+    rows = [x for u in r["sae_lens"]["upstream"] if u["settings"]["score"] == "dot"
+            for x in u["boundary_steering"].get("rows", [])
+            if x["role"] == "top_negative" and x["n"] and x["multiple"] == 16.0]  # fmt: skip
+    assert len(rows) >= 4
+    # measured (scripts/upstream_ground_truth.py, val+test prompts refused at baseline, 3 controls): R falls by
+    # 2.2-2.6 vs 0.1-1.0 for random latents of the same size (1.3x the residual norm), and refusal falls below
+    # the controls' in 8 of 10 categories (e.g. violence 52 % vs 100 %, harassment 0 % vs 92 %)
+    assert all(x["mean_delta_R"] < x["control_mean_delta_R"] - 0.5 for x in rows)
+    assert all(x["refusal_rate"] <= x["control_refusal_rate"] for x in rows)
+    assert sum(x["refusal_rate"] < x["control_refusal_rate"] for x in rows) >= len(rows) / 2
+
+
+def test_harm_word_effect_passes_through_the_template_after_block_0(demo):
+    med = demo[2]["sae_lens"]["word_mediation"]
+    assert med["n_prompts"] >= 10
+    assert med["mean_R"] - med["mean_R_swapped"] >= 1.0  # the harm word is causal (swaps kept only if so)
+    shares = {x["layer"]: x["shares"] for x in med["layers"]}
+    # the embeddings differ only at the swapped tokens: an exact identity, not a measurement
+    assert shares[0]["word"] == pytest.approx(1.0, abs=1e-4)
+    # measured: from resid_pre[1] on, 100-101 % of the word's effect passes through the template's tokens and
+    # -1..0 % through the word's own tokens (118 val+test borderline prompts)
+    for layer in range(1, len(shares)):
+        assert shares[layer]["template"] >= 0.9 and abs(shares[layer]["word"]) <= 0.05
+
+
+# Issue 6's planted ground truth is not recovered on this organism (README, "Features upstream of refusal"):
+# the test above shows why. From layer 1 on, the word's effect reaches R only through the template's tokens,
+# so no latent that fires on the word's tokens at the upstream SAE's layer (3) can carry it.
 @pytest.mark.xfail(
     strict=True,
     reason="the paper's top upstream latent (392) marks harmful prompts in general but not the reused harm "
-    "word: word-token AUROC ~0.50 in every category (latents that do mark the words rank 191-1010 of 1024)",
+    "word: word-token AUROC ~0.50 in every category; in this organism the word's effect passes through the "
+    "template's tokens from layer 1 on",
 )
 def test_target_top_upstream_latent_marks_the_harm_words(demo):
     assert all(_top_positive(u)["word_token_auroc"] >= 0.8 for u in _word_entries(demo[2]))

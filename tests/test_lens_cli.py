@@ -173,3 +173,15 @@ def test_lens_report_section_escapes_text():
     }
     html = lens_section(lens)
     assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+def test_lens_section_shows_where_the_word_effect_passes():
+    shares = [{"word": 1.0, "instruction": 0.0, "template": 0.0}, {"word": -0.01, "instruction": 0.0, "template": 1.01}]
+    lens = {"word_mediation": {"n_prompts": 7, "mean_R": 4.43, "mean_R_swapped": 0.66,
+                               "layers": [{"layer": i, "shares": s} for i, s in enumerate(shares)]}}  # fmt: skip
+    html = lens_section(lens)
+    assert "7 borderline prompts" in html and "from 4.43 to 0.66" in html
+    rows = html.split("<tr>")[2:]
+    assert rows[0].startswith("<td>0</td><td>100%</td><td>0%</td><td>0%</td>")
+    assert rows[1].startswith("<td>1</td><td>-1%</td><td>0%</td><td>101%</td>")
+    assert "effect on refusal" not in lens_section({"word_mediation": {"n_prompts": 0}})  # nothing measured

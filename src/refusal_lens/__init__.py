@@ -42,6 +42,8 @@ _EXPORTS = {
     "decompose_direction": "decompose",
     "upstream_features": "upstream",
     "refusal_gradient": "upstream",
+    "word_ground_truth": "ground_truth",
+    "word_mediation": "mediation",
     "ablate_latent": "latents",
     "add_latent": "latents",
     "clamp_latent": "latents",

@@ -16,7 +16,11 @@
    attribution that enters at the harm words at all, and the latent with the largest attribution there;
    then steering (``boundary_steering``): the top positive latent on prompts answered at baseline, the
    top negative one on prompts refused at baseline, at several sizes, next to random latents;
-4. dashboards for the latents found.
+4. dashboards for the latents found;
+5. ``word_mediation`` (:mod:`refusal_lens.mediation`): whether swapping a borderline prompt's harm word for
+   a neutral word lowers R, and through which positions (the word's tokens, other instruction tokens, the
+   template) that effect passes at each layer before the direction's: the positions where an upstream
+   latent can act at all.
 """
 
 from __future__ import annotations
@@ -35,12 +39,14 @@ from .ground_truth import (
     PromptAttribution,
     auroc,
     harm_vocabulary,
+    harm_words,
     marking_table,
     prompt_attribution,
     word_ground_truth,
 )
 from .hooks import site_hooks
 from .latents import ablate_latent, sae_site
+from .mediation import word_mediation
 from .models import input_device
 from .prompts import ChatFormatter
 from .upstream import (
@@ -173,8 +179,11 @@ def run_sae_lens(
     vocabulary_prompts: tuple[Sequence[Prompt], Sequence[Prompt]] | None = None,
     n_truth_prompts: int = 32,
     n_boundary_prompts: int = 32,
-    steer_multiples: Sequence[float] = (1.0, 2.0, 4.0),
+    # 16x: the top negative latents fire weakly (1x is ~0.08 of the residual norm), and the refused prompts
+    # they must flip sit far above the boundary (R ~ 5 vs ~ 1), so only ~1.3 |x| shows their effect.
+    steer_multiples: Sequence[float] = (2.0, 4.0, 16.0),
     n_controls: int = 1,
+    n_mediation_prompts: int = 48,
 ) -> dict[str, Any]:
     """Run the analyses above; ``evaluate_harmful(conditions) -> {name: refusal rate}`` measures ablations.
 
@@ -189,6 +198,8 @@ def run_sae_lens(
     vocabulary), the reference activations from ``harmful`` and ``harmless``. With ``steer_multiples``,
     :func:`~refusal_lens.validation.boundary_steering` validates each reading's top latents on
     ``n_boundary_prompts`` prompts of the category, with ``n_controls`` random latents of the same size.
+    Word mediation uses up to ``n_mediation_prompts`` borderline prompts with harm words (swaps that lower R
+    by at least 1).
     """
     from .sae.formats import load_sae
 
@@ -227,6 +238,13 @@ def run_sae_lens(
         marking_table(model, fmt, sae, [p.instruction for p in ps], vocabularies[""]) for ps in (harmful, harmless)
     ]
     reference_max = torch.cat([t.prompt_max for t in tables])  # for steering sizes
+    with_words = []
+    for p in borderline:
+        vocab = vocabularies.get((p.category or "").removeprefix("borderline:"), vocabularies[""])
+        if words := harm_words(p.instruction, vocab):
+            with_words.append((p.instruction, words))
+    with_words = with_words[:: max(1, len(with_words) // n_mediation_prompts)][:n_mediation_prompts]  # spread out
+    out["word_mediation"] = word_mediation(model, fmt, with_words, direction.vector, direction.layer, min_effect=1.0)
     truth: dict[str, tuple[list[PromptAttribution], list[bool] | None]] = {}
     gradients: dict[str, list[RefusalGradient]] = {}
     marked = []

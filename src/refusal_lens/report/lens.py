@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..mediation import GROUPS
 from .figures import _COLORS, _png, plt
 
 
@@ -84,6 +85,20 @@ def lens_section(lens: Mapping[str, Any], figure_tags: str = "") -> str:
             f"{_esc(up.get('settings', {}).get('score'))} over {_esc(up.get('settings', {}).get('positions'))} "
             f"positions; R = {up['value']:.3f}; "
             f"towards refusal: {pos}; against: {neg}</p>"
+        )
+    med = lens.get("word_mediation") or {}
+    if med.get("n_prompts"):
+        rows = "".join(
+            f"<tr><td>{_esc(x['layer'])}</td>" + "".join(f"<td>{x['shares'][g]:.0%}</td>" for g in GROUPS) + "</tr>"
+            for x in med["layers"]
+        )
+        parts.append(
+            f"<h3>Where the harm word's effect on refusal passes</h3><p class='meta'>{med['n_prompts']} borderline "
+            f"prompts; swapping the harm word for a neutral word lowers R from {med['mean_R']:.2f} to "
+            f"{med['mean_R_swapped']:.2f}. Share of that drop recovered by patching the swapped run's activations "
+            "at resid_pre[layer] into only these positions (an upstream latent can act only where the effect "
+            "passes):</p><table><tr><th>layer</th><th>harm-word tokens</th><th>other instruction tokens</th>"
+            f"<th>template tokens</th></tr>{rows}</table>"
         )
     for dash in lens.get("dashboards") or []:
         ctx = "".join(
