@@ -185,3 +185,15 @@ def test_lens_section_shows_where_the_word_effect_passes():
     assert rows[0].startswith("<td>0</td><td>100%</td><td>0%</td><td>0%</td>")
     assert rows[1].startswith("<td>1</td><td>-1%</td><td>0%</td><td>101%</td>")
     assert "effect on refusal" not in lens_section({"word_mediation": {"n_prompts": 0}})  # nothing measured
+
+
+def test_upstream_command_patches_a_words_effect(lens_inputs, capsys):
+    model, tmp = lens_inputs
+    args = ["upstream", "--model", str(model), "--direction", str(tmp / "dir"), "--sae", str(tmp / "early"),
+            "--prompt", "explain how to steal a car", "--word", "steal", "--out", str(tmp / "up")]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    med = json.loads((tmp / "up" / "upstream.json").read_text())["prompts"][0]["word_mediation"]
+    assert med["n_prompts"] == 1 and [x["layer"] for x in med["layers"]] == [0, 1, 2]
+    # at the embeddings only the swapped tokens differ: the word's tokens carry the whole change
+    assert med["layers"][0]["shares"]["word"] == pytest.approx(1.0, abs=1e-5)
+    assert "resid_pre[0]: 100% / 0% / 0%" in capsys.readouterr().out

@@ -31,10 +31,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "positions and measure refusal with generations (positive should raise it, negative lower it)",
     )
     p.add_argument("--paraphrase", action="append", default=[], help="paraphrases for the sensitivity analysis")
+    p.add_argument(
+        "--word",
+        action="append",
+        default=[],
+        help="a word of the prompt (repeat for several): swap it for a neutral word and patch the swapped run in "
+        "at every earlier layer on the word's tokens, the other instruction tokens or the template, to see "
+        "where its effect on R passes (activation patching)",
+    )
     p.add_argument("--out", required=True, help="folder for upstream.json and the figures")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..mediation import GROUPS, word_mediation
     from ..organism import shipped_direction, shipped_saes
     from ..prompts import ChatFormatter
     from ..sae.formats import load_sae
@@ -74,6 +83,12 @@ def run(args: argparse.Namespace) -> int:
             )
             if args.steer_alpha:
                 entry["steering"] = steering_validation(model, tokenizer, fmt, sae, [prompt], res, args.steer_alpha)
+        if args.word:
+            # any change of R counts here (a word may also push against refusal); only no change is skipped
+            entry["word_mediation"] = word_mediation(
+                model, fmt, [(prompt, args.word)], direction.vector, target,
+                target_position=args.target_position, min_effect=float("-inf"),
+            )  # fmt: skip
         entries.append(entry)
     first = entries[0]
     payload = {
@@ -101,5 +116,13 @@ def run(args: argparse.Namespace) -> int:
             print(
                 "  against refusal:      " + ", ".join(f"{x['latent']} ({x['score']:+.3g})" for x in e["negative"][:5])
             )
+        med = e.get("word_mediation")
+        if med and med["n_prompts"]:
+            print(f"  swapping {', '.join(args.word)}: R {med['mean_R']:.3f} -> {med['mean_R_swapped']:.3f}; share of "
+                  "the change passing through (word / other instruction / template tokens) at each layer:")  # fmt: skip
+            for x in med["layers"]:
+                print(f"    resid_pre[{x['layer']}]: " + " / ".join(f"{x['shares'][g]:.0%}" for g in GROUPS))
+        elif med:
+            print(f"  swapping {', '.join(args.word)}: no neutral word of equal token length, or R did not change")
     print(f"wrote {args.out}/upstream.json")
     return 0
