@@ -64,15 +64,23 @@ def test_patching_every_position_reproduces_the_swapped_run_at_any_layer(setup):
     unit = (direction / direction.norm()).double()
     swapped = swap_words(fmt, PROMPT, WORDS)
     assert swapped is not None
-    r_corrupt, acts = _run(model, fmt, swapped, unit, 3, -1, record=[0, 1, 2])
-    r_clean, _ = _run(model, fmt, PROMPT, unit, 3, -1)
+    (r_corrupt,), acts = _run(model, fmt, [swapped], unit, 3, -1, record=[0, 1, 2])
+    (r_clean,), _ = _run(model, fmt, [PROMPT], unit, 3, -1)
     everything = torch.ones(_n_tokens(fmt, PROMPT), dtype=torch.bool)
-    for layer in (0, 1, 2):
-        r_patched, _ = _run(model, fmt, PROMPT, unit, 3, -1, patch=(layer, acts[layer], everything))
-        assert r_patched == pytest.approx(r_corrupt, abs=1e-5)
-    # nothing patched: the clean run, untouched
-    r_none, _ = _run(model, fmt, PROMPT, unit, 3, -1, patch=(1, acts[1], ~everything))
-    assert r_none == pytest.approx(r_clean, abs=1e-6)
+    # one batch: rows 0-2 patch every position at layers 0, 1, 2; row 3 patches nothing
+    patches = [(layer, acts[layer], everything) for layer in (0, 1, 2)] + [(1, acts[1], ~everything)]
+    patched, _ = _run(model, fmt, [PROMPT] * 4, unit, 3, -1, patches=patches)
+    assert patched[:3] == pytest.approx([r_corrupt] * 3, abs=1e-5)
+    assert patched[3] == pytest.approx(r_clean, abs=1e-5)
+
+
+def test_batched_patching_equals_one_prompt_at_a_time(setup):
+    model, fmt, direction = setup
+    items = [(PROMPT, WORDS)]
+    one = word_mediation(model, fmt, items, direction, 3, min_effect=-1e9, batch_size=1)
+    many = word_mediation(model, fmt, items, direction, 3, min_effect=-1e9, batch_size=24)
+    for a, b in zip(one["layers"], many["layers"]):
+        assert a["shares"] == pytest.approx(b["shares"], abs=1e-5)
 
 
 def test_skips_are_counted_and_layers_are_checked(setup):

@@ -76,34 +76,46 @@ def position_groups(formatter: ChatFormatter, prompt: str, words: Sequence[str])
 def _run(
     model: nn.Module,
     formatter: ChatFormatter,
-    prompt: str,
+    prompts: Sequence[str],
     unit: torch.Tensor,
     target_layer: int,
     target_position: int,
     record: Sequence[int] = (),
-    patch: tuple[int, torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[float, dict[int, torch.Tensor]]:
-    """R of one prompt; optionally records ``resid_pre[l]`` for ``record`` and patches (layer, values, mask)."""
-    batch = formatter.encode([prompt], input_device(model))
+    patches: Sequence[tuple[int, torch.Tensor, torch.Tensor]] = (),
+) -> tuple[list[float], dict[int, torch.Tensor]]:
+    """R of each prompt, in one batched forward (the prompts must have the same token count).
+
+    ``record``: keep the first prompt's ``resid_pre[l]`` at these layers. ``patches[i] = (layer, values, mask)``:
+    in row i, replace ``resid_pre[layer]`` by ``values`` where ``mask`` is True.
+    """
+    batch = formatter.encode(list(prompts), input_device(model))
     state: dict[str, Any] = {"acts": {}}
+    by_layer: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for row, (layer, values, mask) in enumerate(patches):
+        by_layer.setdefault(layer, []).append((row, values, mask))
 
     def read(x: torch.Tensor) -> None:
-        state["R"] = float(x[0, target_position].double().cpu() @ unit)
+        state["R"] = (x[:, target_position].double().cpu() @ unit).tolist()
 
     def keep(layer: int) -> Any:
         return lambda x: state["acts"].__setitem__(layer, x[0].detach().clone())
 
-    fns: dict[tuple[int, str], Any] = {(layer, "resid_pre"): keep(layer) for layer in record}
-    if patch is not None:
-        layer, values, mask = patch
-
-        def put(x: torch.Tensor) -> torch.Tensor:
+    def put(layer: int) -> Any:
+        def patch(x: torch.Tensor) -> torch.Tensor:
             x = x.clone()
-            x[0, mask.to(x.device)] = values[mask].to(x.device, x.dtype)
+            for row, values, mask in by_layer[layer]:
+                m = mask.to(x.device)
+                x[row, m] = values.to(x.device, x.dtype)[m]
             return x
 
-        fns[(layer, "resid_pre")] = put
-    fns[(target_layer, "resid_pre")] = read  # recorded and patched layers all come before it
+        return patch
+
+    fns: dict[tuple[int, str], list[Any]] = {}
+    for layer in record:
+        fns.setdefault((layer, "resid_pre"), []).append(keep(layer))
+    for layer in by_layer:  # after keep: a recorded activation is the unpatched one
+        fns.setdefault((layer, "resid_pre"), []).append(put(layer))
+    fns.setdefault((target_layer, "resid_pre"), []).append(read)
     with site_hooks(model, fns):
         model(**batch, use_cache=False, logits_to_keep=1)
     return state["R"], state["acts"]
@@ -118,12 +130,14 @@ def word_mediation(
     layers: Sequence[int] | None = None,
     target_position: int = -1,
     min_effect: float = 0.0,
+    batch_size: int = 24,
 ) -> dict[str, Any]:
     """Patch the word-swapped run into the original at each layer and position group (module doc).
 
     ``items`` are ``(prompt, harm_words)`` pairs. Prompts whose words cannot be swapped at equal token length,
     or whose swap lowers R by ``min_effect`` or less, are skipped (and counted). Returns the mean R before and
     after the swap and, per layer ``l < target_layer``, the mean share of the drop each group recovers.
+    The patched runs of a prompt go through the model ``batch_size`` at a time.
     """
     layers = list(range(target_layer)) if layers is None else list(layers)
     if any(not 0 <= layer < target_layer for layer in layers):
@@ -136,8 +150,8 @@ def word_mediation(
         if swapped is None:
             skipped["no_swap"] += 1
             continue
-        r_clean, _ = _run(model, formatter, prompt, unit, target_layer, target_position)
-        r_corrupt, acts = _run(model, formatter, swapped, unit, target_layer, target_position, record=layers)
+        (r_clean,), _ = _run(model, formatter, [prompt], unit, target_layer, target_position)
+        (r_corrupt,), acts = _run(model, formatter, [swapped], unit, target_layer, target_position, record=layers)
         effect = r_clean - r_corrupt
         if effect <= min_effect or effect == 0.0:
             skipped["small_effect"] += 1
@@ -145,10 +159,13 @@ def word_mediation(
         clean_r.append(r_clean)
         corrupt_r.append(r_corrupt)
         groups = position_groups(formatter, prompt, words)
-        for layer in layers:
-            for name, mask in groups.items():
-                r_patched, _ = _run(model, formatter, prompt, unit, target_layer, target_position,
-                                    patch=(layer, acts[layer], mask))  # fmt: skip
+        plan = [(layer, name) for layer in layers for name in GROUPS]
+        for i in range(0, len(plan), batch_size):
+            chunk = plan[i : i + batch_size]
+            patches = [(layer, acts[layer], groups[name]) for layer, name in chunk]
+            patched, _ = _run(model, formatter, [prompt] * len(chunk), unit, target_layer, target_position,
+                              patches=patches)  # fmt: skip
+            for (layer, name), r_patched in zip(chunk, patched):
                 shares[layer][name].append((r_clean - r_patched) / effect)
     n = len(clean_r)
     return {
