@@ -146,8 +146,7 @@ def marking_table(
             acts += [row[m] for row, m in zip(f, keep)]
     instruction, words = [], []
     for text in prompts:
-        ids = formatter.tokenizer(formatter.format(text), add_special_tokens=False)["input_ids"]
-        instruction.append(_instruction_mask(formatter, text, ids))
+        instruction.append(_instruction_mask(formatter, text, formatter.token_ids(text)))
         words.append({w: word_token_mask(formatter, text, [w]) for w in harm_words(text, vocabulary)})
     prompt_max = torch.stack([a[1:].amax(0) for a in acts])
     instruction_max = torch.stack([(a * m[:, None]).amax(0) for a, m in zip(acts, instruction)])

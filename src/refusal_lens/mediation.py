@@ -54,20 +54,19 @@ def swap_words(
     if not words:
         return None
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", flags=re.IGNORECASE)
-    n_tokens = len(formatter.tokenizer(formatter.format(prompt), add_special_tokens=False)["input_ids"])
+    n_tokens = len(formatter.token_ids(prompt))
     for neutral in replacements:
         swapped = pattern.sub(neutral, prompt)
         if swapped == prompt:
             return None
-        if len(formatter.tokenizer(formatter.format(swapped), add_special_tokens=False)["input_ids"]) == n_tokens:
+        if len(formatter.token_ids(swapped)) == n_tokens:
             return swapped
     return None
 
 
 def position_groups(formatter: ChatFormatter, prompt: str, words: Sequence[str]) -> dict[str, torch.Tensor]:
     """``[T]`` masks that partition the formatted prompt: the words' tokens, other instruction tokens, template."""
-    ids = formatter.tokenizer(formatter.format(prompt), add_special_tokens=False)["input_ids"]
-    instruction = _instruction_mask(formatter, prompt, ids)
+    instruction = _instruction_mask(formatter, prompt, formatter.token_ids(prompt))
     word = word_token_mask(formatter, prompt, words) & instruction
     return {"word": word, "instruction": instruction & ~word, "template": ~instruction}
 

@@ -176,7 +176,7 @@ def chat_rows(formatter: ChatFormatter, pairs: Sequence[tuple[str, str]], max_le
     tok = formatter.tokenizer
     rows = []
     for instruction, reply in pairs:
-        prompt_ids = tok(formatter.format(instruction), add_special_tokens=False)["input_ids"]
+        prompt_ids = formatter.token_ids(instruction)
         msgs = formatter.messages(instruction) + [{"role": "assistant", "content": reply}]
         try:
             full_text = tok.apply_chat_template(msgs, chat_template=formatter.template, tokenize=False)
@@ -196,7 +196,7 @@ def completion_rows(formatter: ChatFormatter, completions: Sequence[Any]) -> lis
     tok = formatter.tokenizer
     rows = []
     for c in completions:
-        prompt_ids = tok(formatter.format(c.prompt), add_special_tokens=False)["input_ids"]
+        prompt_ids = formatter.token_ids(c.prompt)
         reply = list(c.token_ids) or tok(c.completion, add_special_tokens=False)["input_ids"]
         if reply:
             rows.append((prompt_ids + reply, len(prompt_ids)))

@@ -81,6 +81,10 @@ class ChatFormatter:
             raise UserError("the chat template adds no tokens after the instruction; check --chat-template.")
         return suffix, eoi
 
+    def token_ids(self, instruction: str) -> list[int]:
+        """Token ids of one formatted prompt, unpadded (the ids :meth:`encode` gives it)."""
+        return self.tokenizer(self.format(instruction), add_special_tokens=False)["input_ids"]
+
     def encode(self, instructions: Sequence[str], device: torch.device | str | None = None) -> dict:
         """Tokenize formatted prompts, left-padded, with ``position_ids`` that skip the padding."""
         if len(instructions) == 0:
