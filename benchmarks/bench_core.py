@@ -6,11 +6,11 @@ import statistics
 
 import torch
 
-from refusal_lens.activations import mean_activations
-from refusal_lens.interventions import ablate_direction, add_direction
-from refusal_lens.prompts import ChatFormatter
-from refusal_lens.scoring import kl_divergence, last_logits, refusal_score_from_logits
-from refusal_lens.selection import SelectionConfig, fallback_without_induce, select_direction
+from refusal_lens.core.prompts import ChatFormatter
+from refusal_lens.direction.activations import mean_activations
+from refusal_lens.direction.interventions import ablate_direction, add_direction
+from refusal_lens.direction.scoring import kl_divergence, last_logits, refusal_score_from_logits
+from refusal_lens.direction.selection import SelectionConfig, fallback_without_induce, select_direction
 from refusal_lens.testing import random_model
 
 from .common import Result, interleaved_ratio, organism_or_random

@@ -14,7 +14,7 @@ from .common import Result
 _CHILD = r"""
 import json, resource, sys, threading, time, torch
 mode, src, out = sys.argv[1:4]
-from refusal_lens.orthogonalize import orthogonalize_checkpoint, orthogonalize_model
+from refusal_lens.direction.orthogonalize import orthogonalize_checkpoint, orthogonalize_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 def anon_mb():  # anonymous resident memory: what the process allocated, not mapped file pages

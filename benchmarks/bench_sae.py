@@ -67,8 +67,8 @@ def _organism_sample(n: int) -> torch.Tensor | None:
     """Real resid_pre activations of a middle layer of the shipped organism, or None if it is absent."""
     try:
         from refusal_lens import organism
-        from refusal_lens.adapters import get_adapter
-        from refusal_lens.models import load_model
+        from refusal_lens.core.adapters import get_adapter
+        from refusal_lens.core.models import load_model
         from refusal_lens.sae import ActivationSource, DataConfig
 
         model, tok = load_model(str(organism.path()))

@@ -60,7 +60,7 @@ def interleaved_ratio(reference: Callable[[], Any], ours: Callable[[], Any], rep
 def organism_or_random(quick: bool) -> tuple[torch.nn.Module, Any, str]:
     """The built-in organism when it is installed, else a random Llama with the toy tokenizer."""
     try:
-        from refusal_lens.models import load_model
+        from refusal_lens.core.models import load_model
 
         model, tok = load_model()
         return model, tok, "organism"

@@ -37,8 +37,8 @@ from refusal_lens.sae import (  # noqa: E402
 
 
 def load(model_arg: str | None) -> tuple[torch.nn.Module, object, str]:
-    from refusal_lens.errors import UserError
-    from refusal_lens.models import load_model
+    from refusal_lens.core.errors import UserError
+    from refusal_lens.core.models import load_model
 
     try:
         model, tok = load_model(model_arg)
@@ -67,7 +67,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tok, name = load(args.model)
-    from refusal_lens.adapters import get_adapter
+    from refusal_lens.core.adapters import get_adapter
 
     layer = max(1, get_adapter(model).n_layers // 2)
     data = DataConfig(data="mix:0.5", context_size=128, model_batch_size=32, buffer_tokens=32_768)

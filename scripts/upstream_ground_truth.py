@@ -13,7 +13,7 @@
 * readings of the refusal gradient, each the mean over the prompts: ``dot/all`` (the paper's),
   ``attribution/all`` and ``attribution/instruction`` (activation × gradient, over all positions or the
   instruction's tokens), plus ``top_at_word``, the latent with the largest attribution at the harm words;
-* ground truth for each reading's top latent (see :mod:`refusal_lens.validation`): AUROCs on the harmful
+* ground truth for each reading's top latent (see :mod:`refusal_lens.lens.validation`): AUROCs on the harmful
   and harmless val+test prompts (``wt`` fires on the word's tokens vs harmless tokens, ``pr`` marks prompts
   with the word vs harmless prompts, ``sp`` vs harmful prompts without the word), the on-word rate (its
   attribution peaks on the harm word; ``n`` prompts where it fires on the instruction) and, for scale, the
@@ -23,7 +23,7 @@
   ``--multiples`` × its mean firing activation (added at the prompt's positions), next to ``--controls``
   random latents of the same size: refusal rate (greedy, 32 new tokens, substring judge) and mean change
   of R = <resid_5[last], r̂>;
-* where the harm word's effect passes (:mod:`refusal_lens.mediation`): on the val+test borderline prompts with
+* where the harm word's effect passes (:mod:`refusal_lens.lens.mediation`): on the val+test borderline prompts with
   harm words, swap the words for a neutral word of the same token length (kept if R drops by >= 1) and patch
   the swapped run into the original at resid_pre[l] on the word's tokens, the other instruction tokens or
   the template: the share of the drop each recovers, per layer, and how many refusals the swap removes.
@@ -43,9 +43,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from refusal_lens.data import Prompt  # noqa: E402
-from refusal_lens.direction import Direction  # noqa: E402
-from refusal_lens.ground_truth import (  # noqa: E402
+from refusal_lens.core.data import Prompt  # noqa: E402
+from refusal_lens.core.models import load_model  # noqa: E402
+from refusal_lens.core.prompts import ChatFormatter  # noqa: E402
+from refusal_lens.direction.compute import Direction  # noqa: E402
+from refusal_lens.lens.ground_truth import (  # noqa: E402
     MarkingTable,
     PromptAttribution,
     harm_words,
@@ -53,18 +55,16 @@ from refusal_lens.ground_truth import (  # noqa: E402
     prompt_attribution,
     word_ground_truth,
 )
-from refusal_lens.lens_pipeline import category_gradients, category_scores, category_vocabularies  # noqa: E402
-from refusal_lens.mediation import swap_words, word_mediation  # noqa: E402
-from refusal_lens.models import load_model  # noqa: E402
-from refusal_lens.organism import chat_pairs, load_split, shipped_direction, shipped_saes  # noqa: E402
-from refusal_lens.prompts import ChatFormatter  # noqa: E402
-from refusal_lens.sae.formats import load_sae  # noqa: E402
-from refusal_lens.upstream import RefusalGradient  # noqa: E402
-from refusal_lens.validation import (  # noqa: E402
+from refusal_lens.lens.mediation import swap_words, word_mediation  # noqa: E402
+from refusal_lens.lens.pipeline import category_gradients, category_scores, category_vocabularies  # noqa: E402
+from refusal_lens.lens.upstream import RefusalGradient  # noqa: E402
+from refusal_lens.lens.validation import (  # noqa: E402
     boundary_steering,
     latent_scales,
     refusals,
 )
+from refusal_lens.organism import chat_pairs, load_split, shipped_direction, shipped_saes  # noqa: E402
+from refusal_lens.sae.formats import load_sae  # noqa: E402
 
 READINGS = (("dot", "all"), ("attribution", "all"), ("attribution", "instruction"))
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from refusal_lens.errors import UserError
+from refusal_lens.core.errors import UserError
 from refusal_lens.sae import ARCHITECTURES, SAEConfig, create_sae, reconstruction_loss
 
 D, M = 16, 64

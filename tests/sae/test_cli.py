@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from refusal_lens.cli.sae_train_eval import add_eval_arguments, add_train_arguments, main
 from refusal_lens.sae import load_sae
-from refusal_lens.sae.cli import add_eval_arguments, add_train_arguments, main
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from refusal_lens.errors import UserError
+from refusal_lens.core.errors import UserError
 from refusal_lens.sae import ARCHITECTURES, SAEConfig, create_sae, load_sae, save_saelens, save_sparsify
 from refusal_lens.sae.formats import detect_format
 

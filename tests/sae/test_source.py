@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from refusal_lens.errors import UserError
+from refusal_lens.core.errors import UserError
 from refusal_lens.sae.source import (
     ActivationSource,
     DataConfig,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refusal_lens.errors import UserError
+from refusal_lens.core.errors import UserError
 from refusal_lens.sae import SAEConfig, TensorStream, TrainConfig, Trainer, create_sae, load_sae
 from refusal_lens.sae.evaluate import reconstruction_metrics
 

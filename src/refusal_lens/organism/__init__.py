@@ -1,4 +1,6 @@
-"""The model organism: a tiny Llama chat model trained from scratch in which refusal is learned.
+"""Stage 1, the model organism (its corpus, tokenizer, training recipe and shipped checkpoint). Imports core.
+
+The model organism: a tiny Llama chat model trained from scratch in which refusal is learned.
 
 It is the default model of every command and the fixture of the integration tests. The shipped
 checkpoint lives in ``checkpoint/`` (package data); :func:`train_organism` re-creates one from a seed.
@@ -16,24 +18,45 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..core.data import ORGANISM_PREFIX, Prompt, finish_prompts
+from ..core.data import load_prompts as load_prompt_file
+from ..core.errors import UserError
+from ..core.models import organism_checkpoint
 from .corpus import Corpus, build_corpus, chat_pairs, load_split, plain_text
 
-__all__ = ["Corpus", "build_corpus", "chat_pairs", "corpus_seed", "load_split", "path", "plain_text", "train_organism"]
-
-_CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
-_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+__all__ = [
+    "Corpus",
+    "build_corpus",
+    "chat_pairs",
+    "corpus_seed",
+    "load_prompts",
+    "load_split",
+    "path",
+    "plain_text",
+    "train_organism",
+]
 
 
 def path() -> Path:
     """The shipped organism checkpoint folder; raises :class:`UserError` if it is missing or incomplete."""
-    missing = [f for f in _REQUIRED if not (_CHECKPOINT / f).is_file()]
-    if missing:
-        raise UserError(
-            f"the shipped organism checkpoint {_CHECKPOINT} is missing ({', '.join(missing)}); reinstall "
-            "refusal-lens or train one with `refusal-lens organism train --out DIR` and pass --model DIR."
-        )
-    return _CHECKPOINT
+    return organism_checkpoint()
+
+
+def load_prompts(
+    source: str | Path, column: str | None = None, n: int | None = None, seed: int = 0, split: str = "train"
+) -> list[Prompt]:
+    """Prompts from ``organism:KIND:SPLIT`` (e.g. ``organism:harmful:test``), or from a file or hub id.
+
+    Everything else is read by :func:`refusal_lens.core.data.load_prompts`, with the same arguments.
+    """
+    text = str(source)
+    if not text.startswith(ORGANISM_PREFIX):
+        return load_prompt_file(source, column, n=n, seed=seed, split=split)
+    parts = text[len(ORGANISM_PREFIX) :].split(":")
+    if len(parts) != 2:
+        raise UserError(f"{text}: use organism:KIND:SPLIT, e.g. organism:harmful:test.")
+    records = load_split(parts[0], parts[1])
+    return finish_prompts([Prompt(r["instruction"], r.get("category")) for r in records], text, n, seed)
 
 
 def train_organism(out: Path, seed: int = 0, steps: int | None = None, quiet: bool = False) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from ..errors import UserError
+from ..core.errors import UserError
 from . import vocab
 
 KINDS = ("harmful", "harmless", "borderline")

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ..io import atomic_write_json, provenance, staging_dir
+from ..core.io import atomic_write_json, provenance, staging_dir
 from . import behaviour, vocab
 from .corpus import Corpus, build_corpus
 from .tokenizer import render_prompt, train_tokenizer

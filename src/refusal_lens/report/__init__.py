@@ -1,4 +1,6 @@
-"""The HTML report of an evaluation folder: one self-contained file plus the same figures as PNGs.
+"""Stage 5, the report: results.json (+ lens results) → one self-contained HTML file. Imports core and lens.
+
+The HTML report of an evaluation folder: one self-contained file plus the same figures as PNGs.
 
 ``report.html`` has no scripts and loads nothing at view time: figures are inline base64 PNGs, the style
 sheet is inline, and a Content-Security-Policy forbids scripts and remote loads, so even a bug in escaping
@@ -19,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from ..io import atomic_path, atomic_write_text, read_json
+from ..core.errors import UserError
+from ..core.io import atomic_path, atomic_write_text, read_json
 
 _CSS = Path(__file__).with_name("style.css")
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"

@@ -19,10 +19,10 @@ matplotlib.use("Agg")  # headless: reports are built on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
+COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
 
 
-def _png(fig: Any) -> bytes:
+def png_bytes(fig: Any) -> bytes:
     buf = io.BytesIO()
     # No timestamp metadata, so the same results give the same bytes.
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
@@ -46,13 +46,13 @@ def refusal_rate_figure(results: Mapping[str, Any]) -> bytes:
         lo = [r - _num(results["conditions"][cond][s]["ci95"][0]) for r, s in zip(rates, sets)]
         hi = [_num(results["conditions"][cond][s]["ci95"][1]) - r for r, s in zip(rates, sets)]
         ax.bar(x + (i - (len(conds) - 1) / 2) * width, rates, width, yerr=[lo, hi], capsize=3,
-               label=cond, color=_COLORS[i % len(_COLORS)])  # fmt: skip
+               label=cond, color=COLORS[i % len(COLORS)])  # fmt: skip
     ax.set_xticks(x, sets)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(f"refusal rate ({results.get('primary_judge', 'substring')} judge)")
     ax.legend(fontsize=8, ncol=min(4, len(conds)), loc="upper center", bbox_to_anchor=(0.5, -0.12))
     ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def category_figure(results: Mapping[str, Any], set_name: str = "harmful") -> bytes | None:
@@ -67,14 +67,14 @@ def category_figure(results: Mapping[str, Any], set_name: str = "harmful") -> by
     for i, cond in enumerate(conds):
         by = results["conditions"][cond][set_name]["by_category"]
         rates = [_num(by[c]["rate"]) if c in by else math.nan for c in cats]
-        ax.barh(y + (i - (len(conds) - 1) / 2) * height, rates, height, label=cond, color=_COLORS[i % len(_COLORS)])
+        ax.barh(y + (i - (len(conds) - 1) / 2) * height, rates, height, label=cond, color=COLORS[i % len(COLORS)])
     ax.set_yticks(y, [c if len(c) <= 40 else c[:37] + "..." for c in cats], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1.0)
     ax.set_xlabel(f"refusal rate on {set_name} prompts")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach 1.0
     ax.grid(axis="x", alpha=0.3)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def candidate_heatmaps(selection: Mapping[str, Any]) -> bytes | None:
@@ -101,7 +101,7 @@ def candidate_heatmaps(selection: Mapping[str, Any]) -> bytes | None:
             ax.scatter([layers.index(chosen["layer"])], [positions.index(chosen["position"])],
                        marker="*", s=160, c="red", edgecolors="white")  # fmt: skip
     axes[0].set_ylabel("position")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def judge_figure(results: Mapping[str, Any]) -> bytes:
@@ -115,11 +115,11 @@ def judge_figure(results: Mapping[str, Any]) -> bytes:
         x = np.arange(len(conds))
         for i, j in enumerate(judges):
             rates = [_num(results["conditions"][c][s]["judges"].get(j, {}).get("rate")) for c in conds]
-            ax.bar(x + (i - (len(judges) - 1) / 2) * width, rates, width, label=j, color=_COLORS[i % len(_COLORS)])
+            ax.bar(x + (i - (len(judges) - 1) / 2) * width, rates, width, label=j, color=COLORS[i % len(COLORS)])
         ax.set_xticks(x, conds, fontsize=8, rotation=20)
         ax.set_ylim(0, 1.05)
         ax.set_title(s, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("refusal rate")
     axes[0][-1].legend(fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)

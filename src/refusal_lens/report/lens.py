@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..mediation import GROUPS
-from .figures import _COLORS, _png, plt
+from ..lens.mediation import GROUPS
+from .figures import COLORS, plt, png_bytes
 
 
 def decomposition_figure(saes: Sequence[Mapping[str, Any]]) -> bytes:
     """Sparsity curves (top-k by |Δf̄| solid, OMP dashed) of several SAEs, with their cosine in the legend."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for i, s in enumerate(saes):
-        color = _COLORS[i % len(_COLORS)]
+        color = COLORS[i % len(COLORS)]
         ks, errs = zip(*s["sparsity_curve"]) if s["sparsity_curve"] else ((), ())
         ax.plot(
             ks,
@@ -32,7 +32,7 @@ def decomposition_figure(saes: Sequence[Mapping[str, Any]]) -> bytes:
     ax.set_ylim(0, 1.05)
     ax.set_title("Reconstructing the refusal direction from SAE latents (dashed: OMP)")
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def saliency_figure(tokens: Sequence[str], values: Sequence[float]) -> bytes:
@@ -45,7 +45,7 @@ def saliency_figure(tokens: Sequence[str], values: Sequence[float]) -> bytes:
     ax.set_xticks(range(n))
     ax.set_xticklabels([t.replace("Ġ", "␣").replace("Ċ", "⏎") for t in tokens], rotation=70, fontsize=7)
     ax.set_title("gradient × input of R per token (red: towards refusal)", fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _esc(x: Any) -> str:

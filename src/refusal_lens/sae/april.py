@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import SAE, SAEConfig, register
+from .base import SAE, SAEConfig
 
 
-@register
 class AprilSAE(SAE):
     arch = "april"
     saelens_arch = "standard"

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 ARCHITECTURES = ("standard", "april", "gated", "topk", "batchtopk", "jumprelu")
 
@@ -194,22 +194,3 @@ class SAE(nn.Module):
         for name, t in tensors.items():
             if name in own:
                 own[name].copy_(t.to(own[name].dtype))
-
-
-REGISTRY: dict[str, type[SAE]] = {}
-
-
-def register(cls: type[SAE]) -> type[SAE]:
-    REGISTRY[cls.arch] = cls
-    return cls
-
-
-def create_sae(cfg: SAEConfig, generator: torch.Generator | None = None) -> SAE:
-    """Build and initialise the architecture named by ``cfg.arch``."""
-    from . import april, batchtopk, gated, jumprelu, standard, topk  # noqa: F401  (fill REGISTRY)
-
-    if cfg.arch not in REGISTRY:
-        raise UserError(f"SAE architecture {cfg.arch!r} is unknown; choose one of {', '.join(ARCHITECTURES)}.")
-    sae = REGISTRY[cfg.arch](cfg)
-    sae.initialize(generator)
-    return sae

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import SAEConfig, register
+from .base import SAEConfig
 from .topk import TopKSAE
 
 
-@register
 class BatchTopKSAE(TopKSAE):
     arch = "batchtopk"
     saelens_arch = "jumprelu"

@@ -91,7 +91,7 @@ def spliced_loss_metrics(
     sae: SAE, source: ActivationSource, n_docs: int, mean_activation: torch.Tensor, first_doc: int = 0
 ) -> dict[str, float]:
     """LM loss clean / SAE-spliced / zero-ablated / mean-ablated, and the CE-recovered scores."""
-    from ..hooks import site_hooks
+    from ..core.hooks import site_hooks
 
     sae.eval()
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0}

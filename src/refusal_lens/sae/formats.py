@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
-from ..io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
-from . import april, batchtopk, gated, jumprelu, standard, topk  # noqa: F401  (fill REGISTRY)
-from .base import REGISTRY, SAE, SAEConfig
+from ..core.errors import UserError
+from ..core.io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+from .base import SAE, SAEConfig
+from .registry import REGISTRY
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 _SITE_OF_HOOK = {

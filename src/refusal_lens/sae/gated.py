@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import SAE, SAEConfig, register
+from .base import SAE, SAEConfig
 
 
-@register
 class GatedSAE(SAE):
     arch = "gated"
     saelens_arch = "gated"

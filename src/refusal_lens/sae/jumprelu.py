@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import SAE, SAEConfig, register
+from .base import SAE, SAEConfig
 
 _MIN_THRESHOLD = 1e-6
 
@@ -59,7 +59,6 @@ class _Step(torch.autograd.Function):
         return None, grad_theta, None
 
 
-@register
 class JumpReLUSAE(SAE):
     arch = "jumprelu"
     saelens_arch = "jumprelu"

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 Chat = list[dict[str, str]]
 Doc = tuple[str, Any]  # ("text", str) or ("chat", [{"role", "content"}, ...])
@@ -245,7 +245,7 @@ def read_site(
     model: nn.Module, layer: int, site: str, input_ids: torch.Tensor, attention: torch.Tensor
 ) -> torch.Tensor:
     """Activations ``[batch, seq, d_model]`` at one site (the forward stops right after it)."""
-    from ..hooks import site_hooks
+    from ..core.hooks import site_hooks
 
     seen: dict[str, torch.Tensor] = {}
 
@@ -287,7 +287,7 @@ class ActivationSource:
         texts: Sequence[str] | None = None,
         chats: Sequence[Chat] | None = None,
     ):
-        from ..adapters import get_adapter
+        from ..core.adapters import get_adapter
 
         if texts is None and chats is None:
             texts, chats = load_data_file(cfg.data_file) if cfg.data_file else default_corpus()

@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import SAE, SAEConfig, register
+from .base import SAE, SAEConfig
 
 
-@register
 class StandardSAE(SAE):
     arch = "standard"
     saelens_arch = "standard"

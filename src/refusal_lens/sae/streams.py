@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import UserError
-from ..io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+from ..core.errors import UserError
+from ..core.io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 
 
 class Stream(Protocol):

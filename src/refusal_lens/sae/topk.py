@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import SAE, SAEConfig, register
+from .base import SAE, SAEConfig
 
 
 def keep_topk(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -25,7 +25,6 @@ def keep_topk(z: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(z).scatter(-1, indices, values)
 
 
-@register
 class TopKSAE(SAE):
     arch = "topk"
     saelens_arch = "topk"
@@ -33,7 +32,7 @@ class TopKSAE(SAE):
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         if cfg.k <= 0 or cfg.k > cfg.width:
-            from ..errors import UserError
+            from ..core.errors import UserError
 
             raise UserError(f"k={cfg.k} must be between 1 and the SAE width {cfg.width}; change --k.")
         self.k = cfg.k

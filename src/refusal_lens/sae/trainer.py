@@ -31,8 +31,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import UserError
-from .base import SAE, SAEConfig, create_sae, reconstruction_loss
+from ..core.errors import UserError
+from .base import SAE, SAEConfig, reconstruction_loss
+from .registry import create_sae
 from .streams import RankSlice, Stream
 
 
@@ -346,7 +347,7 @@ class Trainer:
 
     def finish(self) -> dict[str, SAE]:
         """Fold the input scale into copies of the SAEs, save them (rank 0) and return them."""
-        from ..io import atomic_write_text
+        from ..core.io import atomic_write_text
         from .formats import save_saelens
 
         out: dict[str, SAE] = {}

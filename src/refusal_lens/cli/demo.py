@@ -1,0 +1,25 @@
+"""``refusal-lens demo``: the whole pipeline on the built-in model organism (a few CPU minutes)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..pipelines.demo import format_summary, run_demo
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo-out", help="output folder (results.json, report.html, direction/)")
+    p.add_argument("--model", default=None, help="organism checkpoint folder (default: the shipped organism)")
+    p.add_argument("--n-prompts", type=int, default=200, help="prompts evaluated per test set (seeded sample)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per reply")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling prompts")
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = run_demo(args.out, args.model, args.n_prompts, args.max_new_tokens, args.seed)
+    print(format_summary(summary))
+    print(
+        f"\nwrote {args.out}/results.json, {args.out}/report.html and {args.out}/direction/ "
+        f"in {summary['seconds']['total']:.0f} s"
+    )
+    return 0

@@ -1,0 +1,78 @@
+"""The ``refusal-lens`` command.
+
+Every subcommand lives in a small module that exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+Errors caused by the user's input (:class:`~refusal_lens.core.errors.UserError`) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from ..core.errors import UserError
+
+# name -> (module, one-line help). Modules are imported lazily so `--help` stays fast.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("refusal_lens.cli.demo", "run the whole pipeline on the built-in model organism"),
+    "direction": ("refusal_lens.cli.direction", "extract and select the refusal direction of a model"),
+    "orthogonalize": ("refusal_lens.cli.orthogonalize", "remove a direction from a model's weights"),
+    "evaluate": (
+        "refusal_lens.cli.evaluate",
+        "refusal, false refusal, KL and loss under an intervention",
+    ),
+    "report": ("refusal_lens.cli.report", "rebuild the HTML report of a results folder"),
+    "organism": ("refusal_lens.cli.organism", "train the built-in model organism (organism train)"),
+    "sae": ("refusal_lens.cli.sae", "train, evaluate and decompose with sparse autoencoders"),
+    "upstream": ("refusal_lens.cli.upstream", "find SAE features upstream of refusal for a prompt"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    out = {}
+    for name, (module, help_text) in COMMANDS.items():
+        if importlib.util.find_spec(module) is not None:
+            out[name] = (module, help_text)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="refusal-lens",
+        description="Study how chat language models refuse: refusal directions (Arditi et al. 2024), SAEs on "
+        "chat vs pretraining data (Kissane et al. 2024) and features upstream of refusal (Lee et al. 2025). "
+        "With no --model, every command uses the built-in model organism.",
+    )
+    parser.add_argument("--version", action="version", version=f"refusal-lens {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in _available().items():
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args._run(args) or 0)
+    except UserError as exc:
+        print(f"refusal-lens {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"refusal-lens {args.command}: interrupted; no partial output was kept.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""``refusal-lens organism train``: rebuild the built-in model organism from its seed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..core.config_args import add_dataclass_arguments, dataclass_from_args
+from ..pipelines.organism_artifacts import ArtifactRecipe
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="organism_command", metavar="ACTION", required=True)
+    t = sub.add_parser(
+        "train",
+        help="train an organism (about 5-10 CPU minutes) into --out",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    t.add_argument("--out", required=True, help="folder for the checkpoint (a normal HF model folder)")
+    t.add_argument("--seed", type=int, default=0, help="seed for the corpus, initialisation and batches")
+    t.add_argument("--steps", type=int, default=None, help="override the recipe's number of training steps")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = sub.add_parser(
+        "artifacts",
+        help="rebuild the organism's shipped direction and its two SAEs (chat data vs plain text)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a.add_argument("--checkpoint", default=None, help="organism folder to write into (default: the shipped one)")
+    add_dataclass_arguments(a, ArtifactRecipe)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..organism import train_organism
+
+    if args.organism_command == "artifacts":
+        from ..organism import path
+        from ..pipelines.organism_artifacts import build_artifacts
+
+        recipe = dataclass_from_args(ArtifactRecipe, args)
+        print(json.dumps(build_artifacts(args.checkpoint or path(), recipe), indent=2))
+        return 0
+
+    info = train_organism(args.out, seed=args.seed, steps=args.steps, quiet=args.quiet)
+    print(json.dumps(info.get("behaviour", info), indent=2)[:2000])
+    print(f"saved the organism to {args.out}; use it with --model {args.out}")
+    return 0

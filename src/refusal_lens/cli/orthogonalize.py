@@ -1,0 +1,50 @@
+"""``refusal-lens orthogonalize``: remove a direction from a model's weights, save a normal HF checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..core.models import resolve_model_path
+from ..direction.compute import Direction
+from ..direction.orthogonalize import orthogonalize_checkpoint, orthogonalize_model, save_orthogonalized
+from .common import add_model_arguments, load_model_from_args
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--direction", required=True, help="direction.safetensors (or its folder)")
+    p.add_argument("--out", required=True, help="folder for the edited checkpoint")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="edit families with post-sublayer norms too (Gemma-2/3, OLMo-2), where the edit is inexact",
+    )
+    p.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="load the whole model and edit it in memory instead of streaming over the shards",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    src = Path(resolve_model_path(args.model))
+    direction = Direction.load(args.direction)
+    extra = {"direction": str(args.direction), "layer": direction.layer, "position": direction.position}
+    if not args.in_memory and src.is_dir():
+        summary = orthogonalize_checkpoint(
+            src,
+            direction.vector,
+            args.out,
+            force=args.force,
+            trust_remote_code=args.trust_remote_code,
+            extra_provenance=extra,
+        )
+        print(f"streamed {len(summary['shards'])} shard(s), edited {len(summary['edited'])} tensors -> {args.out}")
+        return 0
+    model, tokenizer = load_model_from_args(args)
+    direction.check(model, str(args.direction))
+    edited = orthogonalize_model(model, direction.vector, force=args.force)
+    save_orthogonalized(model, tokenizer, args.out, extra)
+    print(f"edited {len(edited)} tensors in memory -> {args.out}")
+    return 0

@@ -1,1 +1,0 @@
-"""Subcommands of ``refusal-lens``: each module has ``add_arguments(parser)`` and ``run(args) -> int``."""

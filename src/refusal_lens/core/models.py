@@ -1,0 +1,140 @@
+"""Loading models and tokenizers: real ``from_pretrained`` code with clear errors.
+
+With no model given, every command uses the built-in model organism (:func:`organism_checkpoint`).
+``trust_remote_code`` stays off unless the user asks for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+# The organism's checkpoint is package data of refusal_lens.organism; the core only needs where it is.
+ORGANISM_CHECKPOINT = Path(__file__).resolve().parents[1] / "organism" / "checkpoint"
+_ORGANISM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def organism_checkpoint() -> Path:
+    """The shipped organism checkpoint folder; raises :class:`UserError` if it is missing or incomplete."""
+    missing = [f for f in _ORGANISM_FILES if not (ORGANISM_CHECKPOINT / f).is_file()]
+    if missing:
+        raise UserError(
+            f"the shipped organism checkpoint {ORGANISM_CHECKPOINT} is missing ({', '.join(missing)}); reinstall "
+            "refusal-lens or train one with `refusal-lens organism train --out DIR` and pass --model DIR."
+        )
+    return ORGANISM_CHECKPOINT
+
+
+def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
+    """The organism's folder for ``None``; a local folder (checked) or a hub id otherwise."""
+    if name_or_path is None:
+        return str(organism_checkpoint())
+    text = str(name_or_path)
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") != 1 or os.sep == "\\" and "\\" in text
+    local = Path(text).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise UserError(f"model folder {local} has no config.json; point --model at a HF model folder.")
+        return str(local)
+    if looks_local:
+        raise UserError(f"model path {text} does not exist; check --model (a local folder or a hub id org/name).")
+    return text  # a hub id: from_pretrained fetches it (or finds it in the local cache)
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def parse_device_map(value: str | dict | None) -> str | dict | None:
+    """``--device-map``: a strategy (``auto``, ``balanced``, ``sequential``...), a device, or a JSON object.
+
+    A JSON object maps module names to devices, e.g. ``{"model.embed_tokens": 0, "model.layers": 1, "": 1}``.
+    """
+    if value is None or isinstance(value, dict):
+        return value
+    text = str(value).strip()
+    if not text.startswith("{"):
+        return text
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--device-map {text!r} is not valid JSON ({exc}); give e.g. auto or a JSON object.") from None
+    if not isinstance(parsed, dict):
+        raise UserError(f"--device-map {text!r} must be a JSON object mapping module names to devices.")
+    return parsed
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, object]:
+    """Load a causal LM and its tokenizer (left padding, a pad token) in eval mode.
+
+    ``device_map`` (``"auto"``, a dict...) splits the model over devices with accelerate; the hooks move
+    directions to each activation's device, and inputs go to :func:`input_device`. ``device`` is then ignored.
+
+    Example:
+        >>> model, tokenizer = load_model()          # the built-in organism  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    device_map = parse_device_map(device_map)
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise UserError("--device-map needs the accelerate package: pip install accelerate (or use --device).")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=parse_dtype(dtype), device_map=device_map, trust_remote_code=trust_remote_code
+        )
+    except UserError:
+        raise
+    except Exception as exc:  # network errors, missing files, unknown architectures
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load model {path}: {first}") from None
+    if device is not None and device_map is None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    prepare_tokenizer(tokenizer)
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer: object) -> None:
+    """Left padding (so post-instruction tokens are the last positions) and a pad token."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def model_name(model: nn.Module) -> str:
+    """A readable name for provenance: the folder or hub id the model came from."""
+    return str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device of the embedding (where inputs go), also under a multi-device ``device_map``."""
+    return model.get_input_embeddings().weight.device

@@ -1,0 +1,253 @@
+"""The refusal-direction pipeline and its artifact.
+
+:func:`compute_direction` runs Arditi et al.'s recipe end to end: filter the data by the model's own
+behaviour, collect mean activations at the post-instruction tokens, form the difference-in-means
+candidates, and select one. :class:`Direction` is the artifact: ``direction.safetensors`` (tensors
+``direction [d]`` and ``candidates [n_pos, n_layers, d]``) plus ``direction.json`` (provenance and every
+candidate's scores). Loading validates shapes against the model.
+
+Example:
+    >>> model, tok = load_model()                                              # doctest: +SKIP
+    >>> direction, selection = compute_direction(model, tok, harmful, harmless)  # doctest: +SKIP
+    >>> direction.save("out/")                                                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.adapters import get_adapter
+from ..core.data import sample
+from ..core.errors import UserError
+from ..core.io import atomic_save_safetensors, atomic_write_json, load_safetensors, provenance, read_json
+from ..core.models import model_name
+from ..core.prompts import ChatFormatter
+from .activations import mean_activations
+from .scoring import detect_refusal_tokens, last_logits, refusal_score_from_logits
+from .selection import SelectionConfig, SelectionResult, fallback_without_induce, select_direction
+
+ARTIFACT_VERSION = 1
+
+
+@dataclass
+class Direction:
+    """A selected refusal direction and all candidates it was chosen from."""
+
+    vector: torch.Tensor  # raw (un-normalised) difference in means, [d_model]
+    layer: int
+    position: int  # negative index from the end of the prompt (-1 = last template token)
+    candidates: torch.Tensor | None = None  # [n_pos, n_layers, d_model]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unit(self) -> torch.Tensor:
+        return self.vector / self.vector.norm()
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``direction.safetensors`` and ``direction.json`` into ``out_dir`` (atomically)."""
+        out = Path(out_dir)
+        tensors = {"direction": self.vector.float()}
+        if self.candidates is not None:
+            tensors["candidates"] = self.candidates.float()
+        meta = {"layer": str(self.layer), "position": str(self.position), "format": "refusal-lens-direction"}
+        atomic_save_safetensors(tensors, out / "direction.safetensors", meta)
+        atomic_write_json(out / "direction.json", {**self.meta, "layer": self.layer, "position": self.position})
+        return out / "direction.safetensors"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> Direction:
+        """Load from ``direction.safetensors`` (or its folder); with ``model``, validate the shapes."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "direction.safetensors"
+        tensors = load_safetensors(p, "direction file")
+        if "direction" not in tensors:
+            raise UserError(f"direction file {p} has no 'direction' tensor; was it written by refusal-lens?")
+        meta_path = p.with_suffix(".json")
+        meta = read_json(meta_path, "direction metadata") if meta_path.is_file() else {}
+        vector = tensors["direction"]
+        if vector.ndim != 1:
+            raise UserError(f"direction file {p}: 'direction' has shape {list(vector.shape)}, expected [d_model].")
+        if not torch.isfinite(vector).all():
+            raise UserError(f"direction file {p} contains NaN/inf values; re-create it.")
+        d = cls(vector, int(meta.get("layer", -1)), int(meta.get("position", -1)), tensors.get("candidates"), meta)
+        if model is not None:
+            d.check(model, str(p))
+        return d
+
+    def check(self, model: nn.Module, name: str = "direction") -> None:
+        adapter = get_adapter(model)
+        if self.vector.shape[0] != adapter.d_model:
+            raise UserError(
+                f"{name} has width {self.vector.shape[0]} but the model's hidden size is {adapter.d_model}; "
+                "use a direction computed on this model."
+            )
+        if self.layer >= adapter.n_layers:
+            raise UserError(f"{name} is for layer {self.layer}; this model has {adapter.n_layers} layers.")
+        if self.candidates is not None and self.candidates.shape[1] != adapter.n_layers:
+            raise UserError(
+                f"{name} has candidates for {self.candidates.shape[1]} layers; this model has {adapter.n_layers}."
+            )
+
+
+@dataclass
+class DirectionResult:
+    """What :func:`compute_direction` found."""
+
+    direction: Direction | None  # None when no candidate passed the selection filters
+    selection: SelectionResult | None  # None when --layer/--position were given
+    candidates: torch.Tensor  # [n_pos, n_layers, d_model]
+    info: dict[str, Any]  # provenance, data counts, refusal tokens
+
+
+@dataclass
+class DirectionConfig:
+    n_train: int = 128
+    """Harmful and harmless training prompts each (paper: 128)."""
+    n_val: int = 32
+    """Harmful and harmless validation prompts each (paper: 32)."""
+    filter_data: bool = True
+    """Keep only harmful prompts the model refuses and harmless ones it answers (refusal score >0 / <0)."""
+    batch_size: int = 32
+    """Prompts per forward pass."""
+    seed: int = 0
+    """Seed for sampling prompts."""
+    layer: int | None = None
+    """Skip selection and use this layer (with --position)."""
+    position: int | None = None
+    """Skip selection and use this post-instruction position (negative, -1 = last token)."""
+    fallback_drop_induce: bool = False
+    """If no candidate passes, use the best one that fails only the induce filter (flagged in the output)."""
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+
+
+def _split_val(items: Sequence[str], n_train: int, n_val: int, seed: int) -> tuple[list[str], list[str]]:
+    """Carve a validation set out of one list when no separate validation file is given."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    val_n = min(n_val, max(1, len(items) // 5))
+    val = [items[i] for i in sorted(order[:val_n])]
+    train = [items[i] for i in sorted(order[val_n:])]
+    return sample(train, n_train, seed), val
+
+
+def _keep_by_behaviour(
+    model: nn.Module, fmt: ChatFormatter, prompts: list[str], ids: list[int], refuse: bool, bs: int
+) -> list[str]:
+    scores = refusal_score_from_logits(last_logits(model, fmt, prompts, bs), ids)
+    return [p for p, s in zip(prompts, scores) if (s > 0) == refuse]
+
+
+def compute_direction(
+    model: nn.Module,
+    tokenizer: object,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    harmful_val: Sequence[str] | None = None,
+    harmless_val: Sequence[str] | None = None,
+    config: DirectionConfig | None = None,
+    refusal_tokens: Sequence[int] | None = None,
+    system: str | None = None,
+    chat_template: str | None = None,
+    data_info: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> DirectionResult:
+    """Extract and select the refusal direction.
+
+    ``result.direction`` is ``None`` when no candidate passes the selection filters (see
+    ``result.selection.explanation``); the candidates and their scores are kept either way.
+    """
+    cfg = config or DirectionConfig()
+    for name, items in (("harmful", harmful), ("harmless", harmless)):
+        if not items:
+            raise UserError(f"the {name} prompt list is empty; give at least one instruction.")
+    fmt = ChatFormatter(tokenizer, system=system, chat_template=chat_template)
+    adapter = get_adapter(model)
+    if cfg.layer is not None:  # check a manual choice before any forward pass
+        adapter.check_layer(cfg.layer)
+    if harmful_val is None:
+        harmful, harmful_val = _split_val(harmful, cfg.n_train, cfg.n_val, cfg.seed)
+    if harmless_val is None:
+        harmless, harmless_val = _split_val(harmless, cfg.n_train, cfg.n_val, cfg.seed)
+    sets = {
+        "harmful_train": sample(harmful, cfg.n_train, cfg.seed),
+        "harmless_train": sample(harmless, cfg.n_train, cfg.seed),
+        "harmful_val": sample(harmful_val, cfg.n_val, cfg.seed),
+        "harmless_val": sample(harmless_val, cfg.n_val, cfg.seed),
+    }
+    ids = (
+        list(refusal_tokens)
+        if refusal_tokens
+        else detect_refusal_tokens(model, fmt, sets["harmful_train"], sets["harmless_train"])
+    )
+    counts_before = {k: len(v) for k, v in sets.items()}
+    if cfg.filter_data:
+        for key in sets:
+            kept = _keep_by_behaviour(model, fmt, sets[key], ids, key.startswith("harmful"), cfg.batch_size)
+            if len(kept) < 2:
+                what = "refuses" if key.startswith("harmful") else "answers"
+                raise UserError(
+                    f"the model {what} only {len(kept)} of {len(sets[key])} {key.replace('_', ' ')} prompts, "
+                    "too few to estimate a direction; check the refusal tokens (--refusal-tokens) or pass "
+                    "--no-filter-data."
+                )
+            sets[key] = kept
+    mean_harmful = mean_activations(
+        model, fmt, sets["harmful_train"], batch_size=cfg.batch_size, desc="harmful", progress=progress
+    )
+    mean_harmless = mean_activations(
+        model, fmt, sets["harmless_train"], batch_size=cfg.batch_size, desc="harmless", progress=progress
+    )
+    candidates = (mean_harmful - mean_harmless)[:, : adapter.n_layers]  # float64 [n_pos, L, d]
+    tokenizer_tokens = [tokenizer.decode([i]) for i in ids]
+    info: dict[str, Any] = provenance(
+        artifact_version=ARTIFACT_VERSION,
+        model=model_name(model),
+        family=adapter.family,
+        n_layers=adapter.n_layers,
+        d_model=adapter.d_model,
+        eoi_text=fmt.eoi_text,
+        eoi_tokens=tokenizer.convert_ids_to_tokens(fmt.eoi_ids),
+        system_prompt=system,
+        refusal_token_ids=ids,
+        refusal_tokens=tokenizer_tokens,
+        data=data_info or {},
+        counts_sampled=counts_before,
+        counts_after_filter={k: len(v) for k, v in sets.items()},
+        config={k: v for k, v in asdict(cfg).items() if k != "selection"},
+        mean_norm_harmful_by_layer=mean_harmful[-1].norm(dim=-1).tolist(),
+    )
+    if cfg.layer is not None:
+        pos = -1 if cfg.position is None else cfg.position
+        if not -fmt.n_eoi <= pos < 0:
+            raise UserError(f"--position {pos} is out of range; use -1..-{fmt.n_eoi} (post-instruction tokens).")
+        vec = candidates[pos, cfg.layer].float()
+        chosen = Direction(vec, cfg.layer, pos, candidates.float(), {**info, "selected_by": "user"})
+        return DirectionResult(chosen, None, candidates.float(), info)
+    selection = select_direction(
+        model, fmt, candidates, sets["harmful_val"], sets["harmless_val"], ids, cfg.selection, progress
+    )
+    info["selection"] = selection.to_json()
+    c = selection.chosen
+    if c is None and cfg.fallback_drop_induce:
+        c = fallback_without_induce(selection)
+        if c is not None:
+            selection.explanation += (
+                f"\nFALLBACK: using position {c.position}, layer {c.layer} (bypass {c.bypass:.3f}, induce "
+                f"{c.induce:.3f}, kl {c.kl:.4f}), which fails only the induce filter."
+            )
+            info["selection"] = selection.to_json() | {"fallback": "induce filter dropped"}
+    if c is None:
+        return DirectionResult(None, selection, candidates.float(), info)
+    vec = candidates[c.position, c.layer].float()
+    how = "selection" if selection.chosen is not None else "fallback: induce filter dropped"
+    chosen = Direction(vec, c.layer, c.position, candidates.float(), {**info, "selected_by": how})
+    return DirectionResult(chosen, selection, candidates.float(), info)
