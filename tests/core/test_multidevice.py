@@ -158,7 +158,7 @@ def test_device_map_option(saved_model):
     assert parse_device_map('{"model.embed_tokens": 0, "": 1}') == {"model.embed_tokens": 0, "": 1}
     with pytest.raises(UserError, match="JSON"):
         parse_device_map("{model: 0")
-    parser = build_parser()
+    parser = build_parser("all")
     commands = (["evaluate"], ["direction"], ["orthogonalize", "--direction", "d"], ["sae", "train", "--layer", "1"])
     for argv in commands:
         assert parser.parse_args([*argv, "--out", "x", "--device-map", "auto"]).device_map == "auto"

@@ -6,6 +6,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from refusal_lens.cli.sae_train_eval import add_eval_arguments, add_train_arguments, main
 from refusal_lens.sae import load_sae
@@ -143,3 +144,25 @@ def test_activation_cache_is_reused_and_checked(saved_model, data_file, tmp_path
     assert main(["train", *common, "--layer", "1", "--arch", "batchtopk", "--out", str(tmp_path / "b")]) == 0
     assert main(["train", *common, "--layer", "2", "--out", str(tmp_path / "c")]) == 2
     assert "activation cache" in capsys.readouterr().out
+
+
+def test_sae_export_round_trips_through_the_console_script(tmp_path):
+    """sae export writes sparsify's layout under the hookpoint of the SAE's site, and it reads back identically."""
+    from refusal_lens.sae import load_sae, save_saelens
+
+    from ..cli.console import run_cli
+    from .test_formats import trained_like
+
+    ours = trained_like("topk", 16, 48, k=6)
+    save_saelens(ours, tmp_path / "trained", {"model_name": "tiny", "hook_name": "blocks.3.hook_resid_pre"})
+    done = run_cli("sae", "export", "--sae", "trained", "--format", "sparsify", "--out", "exported", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    files = sorted(p.relative_to(tmp_path / "exported").as_posix() for p in (tmp_path / "exported").rglob("*"))
+    assert files == ["layers.2", "layers.2/cfg.json", "layers.2/sae.safetensors"]
+    again = load_sae(tmp_path / "exported" / "layers.2", d_model=16)
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(again.encode(x), ours.encode(x), rtol=1e-5, atol=1e-5)
+    gated = trained_like("gated", 16, 48, k=6)
+    save_saelens(gated, tmp_path / "gated", {"hook_name": "blocks.3.hook_resid_pre"})
+    refused = run_cli("sae", "export", "--sae", "gated", "--format", "sparsify", "--out", "g", cwd=tmp_path)
+    assert refused.returncode == 2 and "TopK" in refused.stderr and not (tmp_path / "g").exists()

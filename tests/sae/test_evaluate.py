@@ -66,3 +66,42 @@ def test_lossless_sae_recovers_all_loss_and_zero_sae_none(llama, tokenizer):
     assert z["ce_sae"] == pytest.approx(z["ce_zero_ablation"], abs=1e-6)
     assert z["ce_recovered_zero"] == pytest.approx(0.0, abs=1e-5)
     assert z["ce_tokens"] == m["ce_tokens"] > 0
+
+
+def test_out_of_range_metrics_are_explained():
+    from refusal_lens.sae.evaluate import metric_warnings
+
+    fine = {"ce_clean": 2.0, "ce_sae": 2.1, "ce_recovered_zero": 0.97, "ce_recovered_mean": 0.9, "shrinkage": 1.02}
+    assert metric_warnings(fine) == []
+    # the figures a user met: splicing the SAE in lowered the loss below the clean model's
+    odd = {"ce_clean": 6.37, "ce_sae": 5.46, "ce_recovered_zero": 1.34, "ce_recovered_mean": 1.2, "shrinkage": 1.51,
+           "fvu": 0.60}  # fmt: skip
+    warnings = metric_warnings(odd)
+    assert len(warnings) == 3
+    assert "below" in warnings[0] and "5.460" in warnings[0] and "6.370" in warnings[0]
+    assert "longer" in warnings[2] and "0.60" in warnings[2]
+
+
+def test_clean_loss_equals_an_independent_hf_loss(tokenizer):
+    """ce_clean is the model's own mean next-token loss on the same tokens (HF labels= path, float64 sum)."""
+    from refusal_lens.sae import ActivationSource, DataConfig
+    from refusal_lens.sae.evaluate import spliced_loss_metrics
+    from refusal_lens.sae.source import tokenize_docs
+    from refusal_lens.testing import random_model
+
+    model = random_model("llama", n_layers=2, d_model=32)
+    docs = ["the cat sat on the mat", "a dog ran far away today", "plants grow in the sun"]
+    cfg = DataConfig(data="text", model_batch_size=8)
+    source = ActivationSource(model, tokenizer, 1, "resid_pre", cfg, 32, texts=docs, chats=[])
+    sae = create_sae(SAEConfig(arch="topk", d_in=32, width=64, k=4), torch.Generator().manual_seed(0))
+    got = spliced_loss_metrics(sae, source, len(docs), torch.zeros(32))
+    ids, attention, _ = tokenize_docs(tokenizer, [source.order[i] for i in range(len(docs))], cfg)
+    total, count = 0.0, 0
+    for row, mask in zip(ids, attention):
+        real = row[mask.bool()].unsqueeze(0)
+        with torch.no_grad():
+            loss = model(input_ids=real, labels=real).loss.double()
+        total += float(loss) * (real.shape[1] - 1)
+        count += real.shape[1] - 1
+    assert got["ce_tokens"] == count
+    assert abs(got["ce_clean"] - total / count) < 1e-5

@@ -57,3 +57,21 @@ def test_we_load_files_saelens_wrote(arch, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again.encode(X), theirs.encode(X), rtol=1e-5, atol=1e-5)
     assert again.metadata["hook_name"] == "blocks.2.hook_mlp_out"
+
+
+def test_sparsify_loads_what_sae_export_writes(tmp_path):
+    """`refusal-lens sae export --format sparsify` (the console script) writes what sparsify itself loads."""
+    sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is not installed (pip install -e .[interop])")
+    if not hasattr(sparsify, "SparseCoder"):
+        pytest.skip("the installed 'sparsify' is not EleutherAI's (that one is published as eai-sparsify)")
+    from ..cli.console import run_cli
+
+    ours = trained_like("topk", D, M, k=6)
+    save_saelens(ours, tmp_path / "trained", {"model_name": "tiny", "hook_name": "blocks.3.hook_resid_pre"})
+    done = run_cli("sae", "export", "--sae", "trained", "--format", "sparsify", "--out", "exported", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    theirs = sparsify.SparseCoder.load_from_disk(tmp_path / "exported" / "layers.2", device="cpu")  # resid_pre 3
+    with torch.no_grad():
+        out = theirs.encode(X)
+        dense = torch.zeros(X.shape[0], M).scatter(-1, out.top_indices, out.top_acts)
+        torch.testing.assert_close(dense, ours.encode(X), rtol=1e-5, atol=1e-5)

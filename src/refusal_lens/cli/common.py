@@ -13,7 +13,12 @@ from ..organism import load_prompts
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="HF model folder or hub id (default: the built-in model organism)")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="HF model folder, hub id, .gguf file (or a folder holding one), or a real model installed from PyPI: "
+        "smollm2, gemma3-270m (default: the built-in model organism)",
+    )
     g.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: cpu)")
     g.add_argument(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..core.errors import UserError
 from ..pipelines.demo import format_summary, run_demo
 
 
@@ -13,10 +14,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-prompts", type=int, default=200, help="prompts evaluated per test set (seeded sample)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per reply")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling prompts")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; the organism is tiny, and one thread is fastest, above all beside other busy processes",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_demo(args.out, args.model, args.n_prompts, args.max_new_tokens, args.seed)
+    import torch
+
+    if args.threads < 1:
+        raise UserError(f"--threads {args.threads}: give a positive number of threads.")
+    torch.set_num_threads(args.threads)
+    summary = run_demo(args.out, args.model, args.n_prompts, args.max_new_tokens, args.seed, progress=not args.quiet)
     print(format_summary(summary))
     print(
         f"\nwrote {args.out}/results.json, {args.out}/report.html and {args.out}/direction/ "

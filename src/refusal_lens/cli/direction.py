@@ -52,10 +52,13 @@ def run(args: argparse.Namespace) -> int:
         args,
         selection=dataclass_from_args(SelectionConfig, args, batch_size=args.batch_size),
     )
-    data = {
-        k: getattr(args, k.replace("-", "_")) or f"organism:{k.removesuffix('-val')}"
-        for k in ("harmful", "harmless", "harmful-val", "harmless-val")
-    }
+    # What each set really is: the file given, the organism's split, or (validation only) None, in which case
+    # compute_direction carves it out of the training prompts and records how.
+    data = {}
+    for name, split in (("harmful", "train"), ("harmless", "train"), ("harmful-val", "val"), ("harmless-val", "val")):
+        given = getattr(args, name.replace("-", "_"))
+        organism = f"organism:{name.removesuffix('-val')}:{split}" if args.model is None else None
+        data[name.replace("-", "_")] = given or organism
     result = compute_direction(
         model,
         tokenizer,
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         chat_template=template,
         data_info=data,
     )
-    direction, selection = result.direction, result.selection
+    direction, selection = result.chosen, result.selection
     with staging_dir(args.out) as stage:
         if selection is not None:
             atomic_write_json(stage / "selection.json", selection.to_json())
@@ -80,6 +83,13 @@ def run(args: argparse.Namespace) -> int:
             direction.save(stage)
     if direction is None:
         raise UserError(f"{selection.explanation}\n(candidate scores saved in {args.out}/selection.json)")
+    for key in ("harmful_val", "harmless_val"):
+        carved = result.info["data"].get(key)
+        if isinstance(carved, dict):
+            print(
+                f"{key.replace('_', ' ')}: {carved['n_prompts']} prompts carved out of {carved['carved_from']} "
+                f"({carved['of']} prompts, seed {carved['seed']}; disjoint from the training sample)"
+            )
     print(selection.explanation if selection else f"using layer {direction.layer}, position {direction.position}")
     print(f"saved {args.out}/direction.safetensors and direction.json")
     return 0

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
+from ..core.config_args import HelpFormatter
 from ..core.errors import UserError
 
 # name -> (module, one-line help). Modules are imported lazily so `--help` stays fast.
@@ -29,41 +31,60 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _available() -> dict[str, tuple[str, str]]:
-    out = {}
-    for name, (module, help_text) in COMMANDS.items():
-        if importlib.util.find_spec(module) is not None:
-            out[name] = (module, help_text)
-    return out
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (so ``refusal-lens --help`` imports no torch).
 
-
-def build_parser() -> argparse.ArgumentParser:
+    With ``command=None`` every subcommand is listed with its one-line help but has no options of its own;
+    ``"all"`` imports every command module (tests use it to check every option).
+    """
     from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="refusal-lens",
         description="Study how chat language models refuse: refusal directions (Arditi et al. 2024), SAEs on "
         "chat vs pretraining data (Kissane et al. 2024) and features upstream of refusal (Lee et al. 2025). "
-        "With no --model, every command uses the built-in model organism.",
+        "With no --model, every command uses the built-in model organism. 'refusal-lens COMMAND --help' "
+        "explains a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"refusal-lens {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in _available().items():
-        p = sub.add_parser(
-            name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-        )
-        mod = importlib.import_module(module)
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        if command in (name, "all"):
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+            _add_quiet(p)
     return parser
 
 
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    """Every leaf command takes ``-q/--quiet`` (no progress bars), unless it defines its own."""
+    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in subcommands:
+        for child in set(action.choices.values()):
+            _add_quiet(child)
+    if not subcommands and "--quiet" not in parser._option_string_actions:
+        parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (the global options --help/--version take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0
+    if os.environ.get("REFUSAL_LENS_PARSE_ONLY") == "1":  # docs tests: check a command's options, run nothing
+        return 0
+    from ..core.progress import set_quiet
+
+    set_quiet(bool(getattr(args, "quiet", False)))
     try:
         return int(args._run(args) or 0)
     except UserError as exc:

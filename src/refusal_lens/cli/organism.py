@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..core.config_args import add_dataclass_arguments, dataclass_from_args
+from ..core.config_args import HelpFormatter, add_dataclass_arguments, dataclass_from_args
 from ..pipelines.organism_artifacts import ArtifactRecipe
 
 
@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t = sub.add_parser(
         "train",
         help="train an organism (about 5-10 CPU minutes) into --out",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     t.add_argument("--out", required=True, help="folder for the checkpoint (a normal HF model folder)")
     t.add_argument("--seed", type=int, default=0, help="seed for the corpus, initialisation and batches")
@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a = sub.add_parser(
         "artifacts",
         help="rebuild the organism's shipped direction and its two SAEs (chat data vs plain text)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     a.add_argument("--checkpoint", default=None, help="organism folder to write into (default: the shipped one)")
     add_dataclass_arguments(a, ArtifactRecipe)

@@ -1,10 +1,11 @@
-"""``refusal-lens sae train|eval|decompose``: sparse autoencoders on chat or plain text, and direction decomposition."""
+"""``refusal-lens sae train|eval|decompose|export``: SAEs on chat or plain text, direction decomposition, formats."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from ..core.config_args import HelpFormatter
 from ..core.errors import UserError
 from ..core.io import atomic_write_json, provenance, staging_dir
 from ..direction.compute import Direction
@@ -16,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .sae_train_eval import add_eval_arguments, add_train_arguments, run_eval, run_train
 
     sub = p.add_subparsers(dest="sae_command", metavar="ACTION", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     t = sub.add_parser("train", help="train SAE(s) on a model's activations (chat, text or a mix)", formatter_class=fmt)
     add_train_arguments(t)
     t.set_defaults(_run=run_train)
@@ -42,12 +43,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--column", default=None, help="column holding the instruction")
     d.add_argument("-n", "--n-prompts", type=int, default=64, help="prompts of each kind (paper: 64)")
     d.add_argument("--max-k", type=int, default=512, help="largest number of latents in the sparsity curve")
-    d.add_argument("--out", required=True, help="folder for decomposition.json and the figure")
+    d.add_argument("--out", default="sae-decompose", help="folder for decomposition.json and the figure")
     d.set_defaults(_run=run_decompose)
+    x = sub.add_parser(
+        "export",
+        help="write an SAE in another tool's format (sparsify: loads with SparseCoder.load_from_disk)",
+        formatter_class=fmt,
+    )
+    x.add_argument("--sae", required=True, help="SAE folder or file to convert (any format refusal-lens reads)")
+    x.add_argument(
+        "--format",
+        choices=("sparsify", "saelens"),
+        default="sparsify",
+        help="sparsify writes OUT/<hookpoint>/{cfg.json,sae.safetensors} (TopK SAEs on the residual stream); "
+        "saelens writes OUT/{cfg.json,sae_weights.safetensors}",
+    )
+    x.add_argument("--out", required=True, help="output folder")
+    x.set_defaults(_run=run_export)
 
 
 def run(args: argparse.Namespace) -> int:  # pragma: no cover - each action sets its own _run
-    raise UserError("choose an action: train, eval or decompose")
+    raise UserError("choose an action: train, eval, decompose or export")
 
 
 def _default_saes() -> list[Path]:
@@ -103,4 +119,34 @@ def run_decompose(args: argparse.Namespace) -> int:
             f"{k if k is not None else '-':>16}"
         )
     print(f"wrote {args.out}/decomposition.json and decomposition.png")
+    return 0
+
+
+def sparsify_hookpoint(layer: int, site: str) -> str:
+    """sparsify names residual-stream hookpoints ``layers.N``: the output of decoder layer N (SPEC §5)."""
+    if site == "resid_post":
+        return f"layers.{layer}"
+    if site == "resid_pre" and layer >= 1:
+        return f"layers.{layer - 1}"  # the input of block l is the output of block l-1
+    raise UserError(
+        f"sparsify hookpoints are outputs of decoder layers; an SAE on {site} of layer {layer} has none. "
+        "Export it with --format saelens instead."
+    )
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ..lens.latents import sae_site
+    from ..sae.formats import load_sae, save_saelens, save_sparsify
+
+    sae = load_sae(args.sae)
+    with staging_dir(args.out) as stage:
+        if args.format == "sparsify":
+            layer, site = sae_site(sae)
+            written = save_sparsify(sae, stage / sparsify_hookpoint(layer, site))
+            where = Path(args.out) / written.name
+            hint = f"load with sparsify: SparseCoder.load_from_disk('{where}') or SparseCoder.load_many('{args.out}')"
+        else:
+            save_saelens(sae, stage)
+            hint = f"load it with SAELens: SAE.load_from_disk('{args.out}')"
+    print(f"wrote {args.format} SAE to {args.out}; {hint}")
     return 0

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
+from ..core.config_args import add_dataclass_arguments, dataclass_from_args
 from ..core.errors import UserError
 from ..lens.latents import sae_site
 from ..sae.base import ARCHITECTURES, SAEConfig
@@ -22,41 +22,17 @@ from ..sae.evaluate import EvalConfig
 from ..sae.source import DataConfig
 from ..sae.trainer import TrainConfig
 
-_TYPES = {"int": int, "float": float, "str": str}
-# Fields that are not options (filled in from elsewhere) and options renamed to avoid clashes.
-_SKIP = {SAEConfig: {"d_in", "dtype", "arch"}, TrainConfig: set(), DataConfig: set(), EvalConfig: set()}
-_RENAME = {
-    (DataConfig, "seed"): "data_seed",
-    (EvalConfig, "tokens"): "eval_tokens",
-    (EvalConfig, "batch_size"): "eval_batch_size",
-}
+# Fields that are not options (filled in from elsewhere) and options renamed to avoid clashes between configs.
+_SKIP = {SAEConfig: {"d_in", "dtype", "arch"}}
+_RENAME = {DataConfig: {"seed": "data_seed"}, EvalConfig: {"tokens": "eval_tokens", "batch_size": "eval_batch_size"}}
 
 
-def _add_fields(parser: argparse.ArgumentParser | Any, cls: type, title: str) -> None:
-    group = parser.add_argument_group(title)
-    for f in fields(cls):
-        if f.name in _SKIP.get(cls, set()):
-            continue
-        dest = _RENAME.get((cls, f.name), f.name)
-        flag = "--" + dest.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
-        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
-        base = str(f.type).replace(" | None", "")
-        if base == "bool":
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            show = "" if default is None else f" (default: {default})"
-            group.add_argument(flag, dest=dest, type=_TYPES[base], default=default, help=help_text + show)
+def _add_fields(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    add_dataclass_arguments(parser, cls, skip=_SKIP.get(cls, set()), title=title, rename=_RENAME.get(cls))
 
 
 def _build(cls: type, args: argparse.Namespace, **override: Any) -> Any:
-    values = {}
-    for f in fields(cls):
-        dest = _RENAME.get((cls, f.name), f.name)
-        if hasattr(args, dest):
-            values[f.name] = getattr(args, dest)
-    values.update(override)
-    return cls(**values)
+    return dataclass_from_args(cls, args, rename=_RENAME.get(cls), **override)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -207,7 +183,10 @@ def run_eval(args: argparse.Namespace) -> int:
     metrics = evaluate_sae(sae, source, eval_cfg)
     metrics |= {"sae": str(args.sae), "layer": layer, "site": site, "data": args.data}
     for key, value in metrics.items():
-        print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
+        if key != "warnings":
+            print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
+    for warning in metrics.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     if args.out:
         atomic_write_json(args.out, metrics | {"provenance": provenance()})
     return 0

@@ -11,6 +11,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import re
 import textwrap
 import typing
 from functools import cache
@@ -37,8 +38,30 @@ def field_docs(cls: type) -> dict[str, str]:
                 and isinstance(nxt.value, ast.Constant)
                 and isinstance(nxt.value.value, str)
             ):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
+                docs[node.target.id] = plain_help(nxt.value.value)
     return docs
+
+
+# reStructuredText roles and literals in docstrings (``x``, :func:`x`, :class:`~a.b.X`) read as plain words in --help
+_RST_ROLE = re.compile(r":\w+:`~?([^`]+)`")
+_RST_LITERAL = re.compile(r"``([^`]+)``")
+
+
+def plain_help(text: str) -> str:
+    """A docstring as one line of ``--help`` text: whitespace collapsed, reST markup dropped."""
+    text = _RST_ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    return " ".join(_RST_LITERAL.sub(r"\1", text).split())
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default once: not when the help text already names it, and never ``None``/``False``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or unset or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
 
 
 def _base_type(annotation: Any) -> type:
@@ -46,34 +69,52 @@ def _base_type(annotation: Any) -> type:
     return args[0] if args else annotation
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add ``--field-name`` options for every (non-dataclass) field of ``cls``.
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    skip: tuple[str, ...] | set[str] = (),
+    title: str | None = None,
+    rename: dict[str, str] | None = None,
+) -> None:
+    """Add ``--field-name`` options for every (non-dataclass) field of ``cls``, in a group ``title`` if given.
 
-    Defaults are shown by the parser's ``ArgumentDefaultsHelpFormatter``, not repeated in the help text.
+    Defaults are shown by :class:`HelpFormatter`, not repeated in the help text. ``rename`` maps a field to
+    another destination (and flag) where two configs of one command share a field name; a field's
+    ``metadata["flag"]`` renames only its option (e.g. ``system_prompt`` is ``--system`` in every command).
     """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
+    rename = rename or {}
+    target = parser.add_argument_group(title) if title else parser
     for f in dataclasses.fields(cls):
         if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
             continue
         typ = _base_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        flag = "--" + f.name.replace("_", "-")
-        help_text = docs.get(f.name) or f.metadata.get("help", "")
-        if typ is bool:
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=default,
-                help=help_text,
-            )
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         else:
-            parser.add_argument(flag, dest=f.name, type=typ, default=default, help=help_text)
+            default = None
+        dest = rename.get(f.name, f.name)
+        flag = "--" + (rename.get(f.name) or f.metadata.get("flag", f.name)).replace("_", "-")
+        help_text = (docs.get(f.name) or plain_help(f.metadata.get("help", ""))).replace("%", "%%")
+        if typ is bool:
+            target.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            metavar = flag[2:].upper().replace("-", "_")
+            target.add_argument(flag, dest=dest, type=typ, default=default, help=help_text, metavar=metavar)
 
 
-def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
+def dataclass_from_args(
+    cls: type, args: argparse.Namespace, rename: dict[str, str] | None = None, **overrides: Any
+) -> Any:
     """Build ``cls`` from parsed options (fields missing from ``args`` keep their defaults)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    rename = rename or {}
+    values = {}
+    for f in dataclasses.fields(cls):
+        dest = rename.get(f.name, f.name)
+        if hasattr(args, dest):
+            values[f.name] = getattr(args, dest)
     values.update(overrides)
     return cls(**values)

@@ -7,6 +7,7 @@ With no model given, every command uses the built-in model organism (:func:`orga
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 from pathlib import Path
@@ -138,3 +139,15 @@ def model_name(model: nn.Module) -> str:
 def input_device(model: nn.Module) -> torch.device:
     """The device of the embedding (where inputs go), also under a multi-device ``device_map``."""
     return model.get_input_embeddings().weight.device
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The forward's name for a KV cache: ``cache`` from transformers 5.2x on (``past_key_values`` is deprecated
+    there, to be removed in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(output: object) -> object:
+    """The KV cache a forward with ``use_cache=True`` returned, under either name."""
+    found = getattr(output, "cache", None)
+    return found if found is not None else output.past_key_values  # type: ignore[attr-defined]

@@ -11,12 +11,12 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.adapters import get_adapter
 from ..core.errors import UserError
 from ..core.hooks import site_hooks
 from ..core.models import input_device
+from ..core.progress import progress_bar
 from ..core.prompts import ChatFormatter
 
 
@@ -50,7 +50,7 @@ def mean_activations(
     fns[(L - 1, "resid_post")] = reader(L)
     device = input_device(model)
     with site_hooks(model, fns, adapter):
-        bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
+        bar = progress_bar(total=len(instructions), desc=desc, disable=not progress, leave=False)
         for batch in formatter.batches(instructions, batch_size, device):
             model(**batch, use_cache=False)
             stacked = torch.stack([current[slot].to("cpu") for slot in range(L + 1)], dim=2)  # [B, pos, L+1, d]

@@ -98,14 +98,36 @@ class Direction:
             )
 
 
+class NoDirectionError(UserError):
+    """No candidate passed the selection filters; the message is the selection's explanation."""
+
+
 @dataclass
 class DirectionResult:
-    """What :func:`compute_direction` found."""
+    """What :func:`compute_direction` found.
 
-    direction: Direction | None  # None when no candidate passed the selection filters
+    ``result.direction`` is the selected direction; when no candidate passed the filters, reading it raises
+    :class:`NoDirectionError` with the selection's explanation (which filter removed what, the closest
+    candidates). Check ``result.found`` first to handle that case; ``result.chosen`` is the direction or None.
+    """
+
+    chosen: Direction | None  # None when no candidate passed the selection filters
     selection: SelectionResult | None  # None when --layer/--position were given
     candidates: torch.Tensor  # [n_pos, n_layers, d_model]
     info: dict[str, Any]  # provenance, data counts, refusal tokens
+
+    @property
+    def found(self) -> bool:
+        return self.chosen is not None
+
+    @property
+    def direction(self) -> Direction:
+        if self.chosen is None:
+            why = self.selection.explanation if self.selection is not None else "no candidate was chosen"
+            raise NoDirectionError(
+                f"no refusal direction was selected, so result.direction does not exist (check result.found):\n{why}"
+            )
+        return self.chosen
 
 
 @dataclass
@@ -139,6 +161,18 @@ def _split_val(items: Sequence[str], n_train: int, n_val: int, seed: int) -> tup
     return sample(train, n_train, seed), val
 
 
+def _carved(source: Any, pool: int, n_val: int, seed: int) -> dict[str, Any]:
+    """Provenance of a validation set carved out of the training prompts (no separate validation file)."""
+    return {
+        "carved_from": source if source is not None else "the training prompts given",
+        "n_prompts": n_val,
+        "of": pool,
+        "seed": seed,
+        "how": "seeded shuffle of the training prompts; the first min(n_val, n/5) are validation, "
+        "the training sample is drawn from the rest (disjoint)",
+    }
+
+
 def _keep_by_behaviour(
     model: nn.Module, fmt: ChatFormatter, prompts: list[str], ids: list[int], refuse: bool, bs: int
 ) -> list[str]:
@@ -162,8 +196,9 @@ def compute_direction(
 ) -> DirectionResult:
     """Extract and select the refusal direction.
 
-    ``result.direction`` is ``None`` when no candidate passes the selection filters (see
-    ``result.selection.explanation``); the candidates and their scores are kept either way.
+    When no candidate passes the selection filters, ``result.found`` is False and reading
+    ``result.direction`` raises :class:`NoDirectionError` with ``result.selection.explanation``; the
+    candidates and their scores are kept either way.
     """
     cfg = config or DirectionConfig()
     for name, items in (("harmful", harmful), ("harmless", harmless)):
@@ -173,10 +208,15 @@ def compute_direction(
     adapter = get_adapter(model)
     if cfg.layer is not None:  # check a manual choice before any forward pass
         adapter.check_layer(cfg.layer)
+    data = dict(data_info or {})
     if harmful_val is None:
+        pool = len(harmful)
         harmful, harmful_val = _split_val(harmful, cfg.n_train, cfg.n_val, cfg.seed)
+        data["harmful_val"] = _carved(data.get("harmful"), pool, len(harmful_val), cfg.seed)
     if harmless_val is None:
+        pool = len(harmless)
         harmless, harmless_val = _split_val(harmless, cfg.n_train, cfg.n_val, cfg.seed)
+        data["harmless_val"] = _carved(data.get("harmless"), pool, len(harmless_val), cfg.seed)
     sets = {
         "harmful_train": sample(harmful, cfg.n_train, cfg.seed),
         "harmless_train": sample(harmless, cfg.n_train, cfg.seed),
@@ -219,7 +259,7 @@ def compute_direction(
         system_prompt=system,
         refusal_token_ids=ids,
         refusal_tokens=tokenizer_tokens,
-        data=data_info or {},
+        data=data,
         counts_sampled=counts_before,
         counts_after_filter={k: len(v) for k, v in sets.items()},
         config={k: v for k, v in asdict(cfg).items() if k != "selection"},

@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..core.progress import progress_bar
 from ..core.prompts import ChatFormatter
 from .scoring import kl_divergence, refusal_score_from_logits
 from .selection_passes import Passes, PromptSet
@@ -132,7 +132,7 @@ def select_direction(
                 s.removed_by.append(f"layer >= {max_layer} (max_layer_fraction {cfg.max_layer_fraction})")
             scores[(p, layer)] = s
     live = [k for k, s in scores.items() if s.kept]
-    bar = tqdm(total=4, desc="selection", disable=not progress, leave=False)
+    bar = progress_bar(total=4, desc="selection", disable=not progress, leave=False)
 
     harmless = PromptSet(formatter, harmless_val, passes.device)
     harmful = PromptSet(formatter, harmful_val, passes.device)

@@ -37,7 +37,7 @@ from torch import nn
 from ..core.adapters import get_adapter
 from ..core.errors import UserError
 from ..core.hooks import site_hooks
-from ..core.models import input_device
+from ..core.models import cache_argument, input_device, returned_cache
 from ..core.prompts import ChatFormatter
 from .interventions import ablate_direction, add_direction
 
@@ -101,6 +101,7 @@ class Passes:
         self.kl_early_exits = 0
         self.tail_forwards = 0
         self.prefix_ok: bool | None = None  # decided by the first check_prefix
+        self.cache_name = cache_argument(model)
 
     # ------------------------------------------------------------------ basics
     @torch.no_grad()
@@ -109,7 +110,7 @@ class Passes:
         kwargs, last = inputs
         t = next(iter(kwargs.values())).shape[1]
         keep = t - int(last.min())
-        out = self.model(**kwargs, **extra, use_cache="past_key_values" in extra, logits_to_keep=keep)
+        out = self.model(**kwargs, **extra, use_cache=self.cache_name in extra, logits_to_keep=keep)
         self.forwards[phase] += 1
         self.rows[phase] += len(last)
         return out.logits[torch.arange(len(last)), (last - (t - keep)).to(out.logits.device)].float().cpu()
@@ -147,13 +148,13 @@ class Passes:
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         self.forwards[phase + " prefix"] += 1
         self.rows[phase + " prefix"] += n
-        return out.past_key_values
+        return returned_cache(out)
 
     def _from_prefix(self, phase: str, prompts: PromptSet, idx: list[int], cache: object, rows: list[int]):
         """Logits of prompts ``idx`` continuing the prefix cache's rows ``rows``."""
         cache = copy.deepcopy(cache)  # a forward appends to it
         cache.batch_select_indices(torch.tensor(rows, device=self.device))
-        return self.logits(phase, prompts.batch(idx, prompts.prefix), past_key_values=cache)
+        return self.logits(phase, prompts.batch(idx, prompts.prefix), **{self.cache_name: cache})
 
     def check_prefix(self, prompts: PromptSet, base: torch.Tensor) -> bool:
         """Whether continuing a cached prefix reproduces the baseline logits (decided once per run)."""

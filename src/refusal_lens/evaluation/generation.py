@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.data import Prompt
 from ..core.errors import UserError
 from ..core.io import atomic_write_text
 from ..core.models import input_device
+from ..core.progress import progress_bar
 from ..core.prompts import ChatFormatter
 
 ContextFactory = Callable[[], AbstractContextManager]
@@ -158,7 +158,7 @@ def generate(
     out: list[Completion] = []
     starts = range(0, len(items), settings.batch_size)
     desc = f"generate {intervention}" + (f"/{prompt_set}" if prompt_set else "")
-    for b, start in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
+    for b, start in enumerate(progress_bar(starts, desc=desc, disable=not progress, leave=False)):
         chunk = items[start : start + settings.batch_size]
         batch = fmt.encode([p.instruction for p in chunk], device)
         # generate() derives position ids from the attention mask itself; passing ours would break caching.

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ..core.io import atomic_write_json, provenance, staging_dir
+from ..core.progress import progress_bar
 from . import behaviour, vocab
 from .corpus import Corpus, build_corpus
 from .tokenizer import render_prompt, train_tokenizer
@@ -180,7 +180,7 @@ def _run_stage(model: LlamaForCausalLM, steps: int, make_batch, recipe: Recipe, 
     )
     losses = []
     model.train()
-    bar = tqdm(range(steps), desc=desc, disable=quiet, leave=False)
+    bar = progress_bar(range(steps), desc=desc, disable=quiet, leave=False)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, recipe)

@@ -75,7 +75,7 @@ def run_demo(
         },
         progress=progress,
     )
-    direction = found.direction
+    direction = found.chosen
     if direction is None:
         raise UserError(f"direction selection failed on the organism:\n{found.selection.explanation}")
     t_direction = time.perf_counter() - start

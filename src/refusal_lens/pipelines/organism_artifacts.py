@@ -59,7 +59,7 @@ def build_artifacts(checkpoint: str | os.PathLike, recipe: ArtifactRecipe | None
         texts("harmless", "val"), config=DirectionConfig(seed=cfg.seed, fallback_drop_induce=True),
         data_info={"harmful": "organism:harmful:train", "harmless": "organism:harmless:train"},
     )  # fmt: skip
-    if found.direction is None:
+    if not found.found:
         raise UserError(f"no direction passed selection on {ckpt}:\n{found.selection.explanation}")
     with staging_dir(ckpt / "direction") as stage:
         found.direction.save(stage)

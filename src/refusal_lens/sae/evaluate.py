@@ -16,6 +16,7 @@ as in training). CE recovered = (L_ablated - L_sae) / (L_ablated - L_clean) for 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,6 +144,36 @@ def spliced_loss_metrics(
     }
 
 
+def metric_warnings(metrics: dict[str, Any]) -> list[str]:
+    """Plain-language warnings for metrics outside their usual range, with what they mean.
+
+    A CE-recovered score above 1 is not a bug by itself: it means the loss with the SAE spliced in is *lower* than
+    the clean loss. That happens when the model fits the evaluation text poorly (the organism, a chat model trained
+    on its own corpus, has a plain-text CE of about 6.3 nats, and a chat-data SAE spliced in lowered it by 0.11 in
+    our check), so any perturbation can help. Shrinkage above 1 means reconstructions are longer than the inputs'
+    component along them.
+    """
+    out = []
+    for key in ("ce_recovered_zero", "ce_recovered_mean"):
+        value = metrics.get(key)
+        if isinstance(value, float) and math.isfinite(value) and not -0.05 <= value <= 1.05:
+            out.append(
+                f"{key} = {value:.2f} is outside [0, 1]: the SAE-spliced loss ({metrics['ce_sae']:.3f}) is "
+                f"{'below' if value > 1 else 'above the ablated loss, not between it and'} the clean loss "
+                f"({metrics['ce_clean']:.3f}). The model fits this data poorly (clean CE {metrics['ce_clean']:.2f} "
+                "nats) or the SAE is worse than ablation; evaluate on data the model was trained on, and read "
+                "delta_loss."
+            )
+    shrink = metrics.get("shrinkage")
+    if isinstance(shrink, float) and math.isfinite(shrink) and not 0.5 <= shrink <= 1.2:
+        out.append(
+            f"shrinkage = {shrink:.2f} (E|x_hat|^2 / E[x.x_hat]) is far from 1: reconstructions are "
+            f"{'longer' if shrink > 1 else 'shorter'} than the inputs' component along them; with FVU "
+            f"{metrics.get('fvu', float('nan')):.2f} the SAE is probably under-trained (more --tokens)."
+        )
+    return out
+
+
 def evaluate_sae(sae: SAE, source: ActivationSource | Stream, cfg: EvalConfig) -> dict[str, Any]:
     """All metrics; LM-loss metrics only when ``source`` is a model-backed :class:`ActivationSource`."""
     metrics = reconstruction_metrics(sae, source, cfg.tokens, cfg.dense_threshold)
@@ -150,4 +181,5 @@ def evaluate_sae(sae: SAE, source: ActivationSource | Stream, cfg: EvalConfig) -
     if isinstance(source, ActivationSource) and cfg.ce_docs > 0:
         # Score LM loss on documents after those the reconstruction metrics used, so the two are separate.
         metrics.update(spliced_loss_metrics(sae, source, cfg.ce_docs, mean, first_doc=source.state_dict()["next_doc"]))
+    metrics["warnings"] = metric_warnings(metrics)
     return metrics

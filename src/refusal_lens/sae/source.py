@@ -62,7 +62,9 @@ class DataConfig:
         default=10.0,
         metadata={"help": "drop tokens whose norm exceeds this multiple of the batch median (0: keep all)"},
     )
-    system_prompt: str | None = field(default=None, metadata={"help": "system message for chat documents"})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "system prompt placed before each chat document", "flag": "system"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the document order and buffer shuffles"})
 
     def chat_fraction(self) -> float:

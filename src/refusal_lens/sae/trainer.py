@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.errors import UserError
+from ..core.progress import progress_bar
 from .base import SAE, SAEConfig, reconstruction_loss
 from .registry import create_sae
 from .streams import RankSlice, Stream
@@ -285,11 +286,10 @@ class Trainer:
 
     def run(self, resume: bool = False, max_steps: int | None = None) -> dict[str, SAE]:
         """Train to the end (or ``max_steps`` steps, for interruption tests); returns scale-folded copies."""
-        from tqdm.auto import tqdm
 
         if not (resume and self.load_checkpoint()):
             self.scale = self.estimate_scale()
-        bar = tqdm(
+        bar = progress_bar(
             total=self.n_steps,
             initial=self.step,
             disable=not self.cfg.progress or self.rank != 0,
