@@ -1,4 +1,4 @@
-"""``refusal-lens demo``: the whole pipeline on the built-in model organism (a few CPU minutes)."""
+"""``refusal-lens demo``: the whole pipeline on the built-in model organism (about 4.5 CPU-minutes, one thread)."""
 
 from __future__ import annotations
 
