@@ -2,8 +2,9 @@
 
 ``DIR/``: ``config.json`` + ``model.safetensors`` + tokenizer (the merged, edited model), ``front.json`` (every
 scored point with its parameters and both objectives, the checked front, the chosen point), ``front.png``,
-``points.jsonl`` (the search checkpoint), ``README.md`` (model card), ``reproduce.json``, and with
-``--export``: ``lora/`` (PEFT adapter) and ``control_vector.gguf``.
+``points.jsonl`` (the search checkpoint), ``directions.safetensors`` (per-slot directions and harmless means, from
+which every point's edit can be rebuilt), ``README.md`` (model card), ``reproduce.json``, and with ``--export``:
+``lora/`` (PEFT adapter) and ``control_vector.gguf``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ..core.io import atomic_path, atomic_write_json, atomic_write_text, provenance, staging_dir  # noqa: E402
+from ..core.io import (
+    atomic_path,
+    atomic_save_safetensors,
+    atomic_write_json,
+    atomic_write_text,
+    provenance,
+    staging_dir,
+)  # noqa: E402
 from ..core.models import model_name  # noqa: E402
 from ..direction.strengths import edit_weights  # noqa: E402
 from .exports import (  # noqa: E402
@@ -95,6 +103,11 @@ def write_outputs(
             save_control_vector(vectors, stage / "control_vector.gguf", model_name(model), result.directions.n_layers)
             exported["control_vector"] = {"blocks": sorted(vectors), "file": "control_vector.gguf"}
         summary["exports"] = exported
+        atomic_save_safetensors(  # every point of front.json can be rebuilt from these (Point.plan)
+            {"raw": result.directions.raw, "harmless_mean": result.directions.harmless_mean},
+            stage / "directions.safetensors",
+            {"format": "refusal-lens-direction-set"},
+        )
         edited = edit_weights(model, plan, norm_preserving, force)
         model.save_pretrained(stage, safe_serialization=True)
         tokenizer.save_pretrained(stage)

@@ -33,7 +33,7 @@ class AbliterateConfig:
     """Harmful and harmless prompts each whose mean activations give the directions."""
     n_search: int = 64
     """Harmful and harmless prompts each (held out from the directions) that score every search point."""
-    max_evaluations: int = 300
+    max_evaluations: int = 150
     """Most points the search scores (first-token objectives, one forward pass per batch each)."""
     check_points: int = 8
     """Front points checked by generating replies (the chosen point is always among them)."""
@@ -143,7 +143,10 @@ def abliterate(
         "data": [data_hash(x) for x in (harmful_train, harmless_train, hf_search, hl_search)],
         "system": system,
         "refusal_ids": ids,
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("check_points", "check_tokens")},
+        # the budget and the checks do not change any score, so a resumed run may change them
+        "config": {
+            k: v for k, v in asdict(cfg).items() if k not in ("check_points", "check_tokens", "max_evaluations")
+        },
     }
     store = Checkpoint(checkpoint, fingerprint)
     resumed = len(store.rows)
@@ -152,7 +155,11 @@ def abliterate(
         directions,
         evaluator,
         store,
-        SearchConfig(max_evaluations=cfg.max_evaluations),
+        SearchConfig(
+            max_evaluations=cfg.max_evaluations,
+            target_kl=(0.02 if max_kl is None else max_kl) if max_refusal is None else None,
+            target_refusal=max_refusal,
+        ),
         progress,
         on_point=lambda row: first_seen.setdefault(json.dumps(row["point"]), time.perf_counter() - t0),
     )

@@ -5,10 +5,11 @@ with the cheap first-token objectives (:mod:`.objectives`):
 
 1. **direction**: full ablation (strength 1 everywhere) with each integer direction index, plain and
    projected, global and per-layer: which direction removes refusal at all;
-2. **shape**: for the best directions, a small grid of layer kernels (peak, width, floor; attention and MLP
-   together, or one of them alone) at a few strengths: where in depth the edit is needed;
-3. **refine**: coordinate descent from the best point for each of several refusal/KL trade-offs, over every
-   kernel parameter (attention and MLP separately) and the direction index, with halving steps.
+2. **shape**: for the best directions, a small grid of layer kernels (peak, width, strengths 0.6 and 1; attention
+   and MLP together, or attention alone): where in depth the edit is needed;
+3. **refine**: coordinate descent over every kernel parameter (attention and MLP separately) and the direction
+   index, with halving steps: first for the user's bound (fewest refusals with KL ≤ --max-kl, or lowest KL with
+   refusal ≤ --max-refusal, as a penalty), then for several refusal + β·KL trade-offs, until the budget is spent.
 
 Every evaluated point is appended to a JSON Lines checkpoint as soon as it is scored; a rerun with the same
 inputs reads it back and skips those evaluations, so an interrupted search resumes where it stopped.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -129,8 +131,12 @@ class SearchConfig:
     """Weights β of KL against refusal in the refinement phase (minimise refusal + β·KL for each)."""
     refine_rounds: int = 3
     """Step halvings in the refinement phase."""
-    max_evaluations: int = 400
+    max_evaluations: int = 150
     """Hard cap on scored points (a resumed run counts the points read back)."""
+    target_kl: float | None = None
+    """Refine first for the fewest refusals with KL at most this (the user's --max-kl)."""
+    target_refusal: float | None = None
+    """Refine first for the lowest KL with the first-token refusal at most this (the user's --max-refusal)."""
 
 
 class Search:
@@ -151,6 +157,7 @@ class Search:
         self.bar = tqdm(total=self.cfg.max_evaluations, desc="abliterate search", disable=not progress)
         self.on_point = on_point
         self.order: list[dict[str, Any]] = []  # rows in the order this run visited them
+        self.t0 = time.perf_counter()
 
     def score(self, point: Point, phase: str) -> dict[str, Any] | None:
         key = point.key()
@@ -159,7 +166,8 @@ class Search:
             if len(self.checkpoint.rows) >= self.cfg.max_evaluations:
                 return None
             scores = self.evaluate(point.plan(self.directions))
-            row = {"point": point.to_json(), "phase": phase, **scores.to_json()}
+            seconds = round(time.perf_counter() - self.t0, 3)  # since this run's search began (benchmarks use it)
+            row = {"point": point.to_json(), "phase": phase, **scores.to_json(), "seconds": seconds}
             self.checkpoint.add(row)
             self.bar.update(1)
             self.bar.set_postfix(refusal=f"{row['refusal']:.3f}", kl=f"{row['kl']:.4f}")
@@ -182,8 +190,14 @@ class Search:
         for r in best:
             base = Point.from_json(r["point"])
             self._all(self._shapes(base), "shape")
+        if self.cfg.target_kl is not None:  # the user's bound first: most of the budget goes where the pick is
+            t = self.cfg.target_kl
+            self._refine(lambda r: r["refusal"] + 100 * max(0.0, r["kl"] - t) + 1e-3 * r["kl"], f"kl<={t:g}")
+        if self.cfg.target_refusal is not None:
+            t = self.cfg.target_refusal
+            self._refine(lambda r: r["kl"] + 100 * max(0.0, r["refusal"] - t) + 1e-3 * r["refusal"], f"refusal<={t:g}")
         for beta in self.cfg.tradeoffs:
-            self._refine(beta)
+            self._refine(lambda r, b=beta: r["refusal"] + b * r["kl"], f"beta={beta:g}")
         self.bar.close()
         return list(self.checkpoint.rows.values())
 
@@ -192,16 +206,13 @@ class Search:
         out = []
         for peak in (0.25 * (L - 1), 0.5 * (L - 1), 0.75 * (L - 1)):
             for width in (0.25 * L, 0.5 * L, float(L)):
-                for floor in (0.0, 0.5):
-                    for strength in (0.5, 0.8, 1.0):
-                        k = Kernel(strength, peak, width, floor * strength)
-                        out += [replace(base, attn=k, mlp=k), replace(base, attn=k, mlp=OFF)]
+                for strength in (0.6, 1.0):
+                    k = Kernel(strength, peak, width, 0.0)
+                    out += [replace(base, attn=k, mlp=k), replace(base, attn=k, mlp=OFF)]
         return out
 
-    def _refine(self, beta: float) -> None:
-        def objective(row: dict[str, Any]) -> float:
-            return row["refusal"] + beta * row["kl"]
-
+    def _refine(self, objective: Callable[[dict[str, Any]], float], name: str) -> None:
+        """Coordinate descent on ``objective`` from the best point so far, halving the steps each round."""
         current = min(self.checkpoint.rows.values(), key=objective)
         point = Point.from_json(current["point"])
         steps = {"max_weight": 0.2, "peak": 1.0, "width": 1.0, "min_weight": 0.2}
@@ -210,7 +221,7 @@ class Search:
             while improved:
                 improved = False
                 for candidate in self._neighbours(point, steps):
-                    row = self.score(candidate, f"refine:{beta:g}")
+                    row = self.score(candidate, f"refine:{name}")
                     if row is not None and objective(row) < objective(current) - 1e-9:
                         current, point, improved = row, candidate, True
             steps = {k: v / 2 for k, v in steps.items()}

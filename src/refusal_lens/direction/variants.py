@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from ..core.errors import UserError
+from ..core.io import load_safetensors
 from ..core.prompts import ChatFormatter
 from .activations import mean_activations
 
@@ -109,3 +111,11 @@ class DirectionSet:
         if scope == "per_layer":
             return self.write_units(projected), u
         raise UserError(f"direction scope {scope!r} is unknown; use global or per_layer.")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DirectionSet:
+        """Read ``directions.safetensors`` written by ``refusal-lens abliterate``."""
+        tensors = load_safetensors(path, "direction set")
+        if set(tensors) != {"raw", "harmless_mean"}:
+            raise UserError(f"{path} is not a direction set (tensors raw, harmless_mean); write it with abliterate.")
+        return cls(tensors["raw"].double(), tensors["harmless_mean"].double())
