@@ -22,8 +22,11 @@ ALLOWED: dict[str, set[str]] = {
     "sae": {"core", "organism"},
     "lens": {"core", "direction", "evaluation", "sae"},
     "report": {"core", "lens"},
-    "pipelines": {"core", "organism", "direction", "evaluation", "sae", "lens", "report"},
-    "cli": {"core", "organism", "direction", "evaluation", "sae", "lens", "report", "pipelines"},
+    # abliteration chains direction variants and weighted edits (direction) with generation checks (evaluation)
+    # and writes exports; it sits beside lens, below pipelines and cli.
+    "abliteration": {"core", "direction", "evaluation"},
+    "pipelines": {"core", "organism", "direction", "evaluation", "sae", "lens", "report", "abliteration"},
+    "cli": {"core", "organism", "direction", "evaluation", "sae", "lens", "report", "pipelines", "abliteration"},
 }
 # Root modules outside the stages: the lazy public API (``__init__``) and the test helpers (``testing``).
 ROOT_MODULES = {"__init__", "testing"}

@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "organism": ("refusal_lens.cli.organism", "train the built-in model organism (organism train)"),
     "sae": ("refusal_lens.cli.sae", "train, evaluate and decompose with sparse autoencoders"),
     "upstream": ("refusal_lens.cli.upstream", "find SAE features upstream of refusal for a prompt"),
+    "abliterate": (
+        "refusal_lens.cli.abliterate",
+        "search the refusal-vs-KL front of per-layer ablations, save a model",
+    ),
 }
 
 

@@ -250,12 +250,16 @@ class ArchitectureAdapter:
         Token (and positional) embeddings, attention out-projections, MLP down-projections (every expert's
         and the shared expert's in MoE layers) and their biases.
         """
+        return [w for _, _, group in self.writer_groups() for w in group]
+
+    def writer_groups(self) -> list[tuple[str, int | None, list[ResidualWriter]]]:
+        """The residual writers grouped by what writes: ``("embed", None, [...])``, then ``("attn", l, [...])``
+        and ``("mlp", l, [...])`` for each layer, for edits with a strength per layer and per write."""
         names: dict[int, str] = {}
         for n, p in self.model.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), n)  # a tied weight keeps its first name (the input embedding's)
-        out: list[ResidualWriter] = []
 
-        def add(module: nn.Module | None, conv1d: bool = False) -> None:
+        def add(out: list[ResidualWriter], module: nn.Module | None, conv1d: bool = False) -> None:
             if module is None:
                 return
             weight = module.weight
@@ -265,20 +269,25 @@ class ArchitectureAdapter:
             if isinstance(bias, nn.Parameter):
                 out.append(ResidualWriter(names[id(bias)], bias, 0))
 
-        add(self.embed)
-        add(self.pos_embed)
-        for layer in self.layers:
-            add(layer.get_submodule(self.spec.attn_out_proj), self.spec.conv1d)
+        embed: list[ResidualWriter] = []
+        add(embed, self.embed)
+        add(embed, self.pos_embed)
+        groups: list[tuple[str, int | None, list[ResidualWriter]]] = [("embed", None, embed)]
+        for index, layer in enumerate(self.layers):
+            attn: list[ResidualWriter] = []
+            add(attn, layer.get_submodule(self.spec.attn_out_proj), self.spec.conv1d)
+            mlp: list[ResidualWriter] = []
             dense = _get(layer, self.spec.mlp_out_proj)
             if dense is not None:
-                add(dense, self.spec.conv1d)
+                add(mlp, dense, self.spec.conv1d)
             if self.spec.moe:
                 experts = _get(layer, "mlp.experts")
                 if experts is not None:
-                    out.extend(self._expert_writers(experts, names))
+                    mlp.extend(self._expert_writers(experts, names))
                 for extra in self.spec.extra_out_projs:
-                    add(_get(layer, extra))
-        return out
+                    add(mlp, _get(layer, extra))
+            groups += [("attn", index, attn), ("mlp", index, mlp)]
+        return groups
 
     def _expert_writers(self, experts: nn.Module, names: dict[int, str]) -> list[ResidualWriter]:
         fused = getattr(experts, "down_proj", None)

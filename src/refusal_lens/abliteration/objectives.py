@@ -1,0 +1,109 @@
+"""The two objectives of the abliteration search, measured cheaply, and their check by generation.
+
+* refusal: the first-token stand-in for "the model refuses": the mean probability of the refusal tokens at the
+  first reply position over harmful prompts (the expected fraction of replies that start like a refusal);
+* KL: batch-mean KL(original ‖ edited) of the first-token distributions on harmless prompts.
+
+Both need one forward pass per batch with only the last position's logits. Prompts are sorted by length
+before batching, so little compute goes to padding. :func:`generated_refusals` checks a point the expensive
+way (greedy replies, substring judge), for the final front only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.models import input_device
+from ..core.prompts import ChatFormatter
+from ..direction.scoring import is_refusal_text
+from ..direction.strengths import AblationPlan, edited_weights
+from ..evaluation.generation import GenerationSettings, generate
+
+
+def _length_sorted_batches(fmt: ChatFormatter, prompts: Sequence[str], batch_size: int, device) -> list[dict]:
+    order = sorted(range(len(prompts)), key=lambda i: len(fmt.token_ids(prompts[i])))
+    ordered = [prompts[i] for i in order]
+    return [fmt.encode(ordered[s : s + batch_size], device) for s in range(0, len(ordered), batch_size)]
+
+
+@dataclass
+class Scores:
+    refusal: float  # mean first-token refusal probability on harmful prompts (0..1)
+    refusal_argmax: float  # fraction of harmful prompts whose most likely first token is a refusal token
+    kl: float  # mean first-token KL(original ‖ edited) on harmless prompts
+
+    def to_json(self) -> dict[str, float]:
+        return {"refusal": self.refusal, "refusal_argmax": self.refusal_argmax, "kl": self.kl}
+
+
+class Evaluator:
+    """Scores an :class:`AblationPlan` by editing the weights in place (restored after each call)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        formatter: ChatFormatter,
+        harmful: Sequence[str],
+        harmless: Sequence[str],
+        refusal_ids: Sequence[int],
+        batch_size: int = 32,
+        norm_preserving: bool = False,
+        force: bool = False,
+    ):
+        self.model, self.formatter = model, formatter
+        self.ids = list(refusal_ids)
+        self.norm_preserving, self.force = norm_preserving, force
+        device = input_device(model)
+        self.harmful = _length_sorted_batches(formatter, harmful, batch_size, device)
+        self.harmless = _length_sorted_batches(formatter, harmless, batch_size, device)
+        self.base_logp = torch.log_softmax(self._logits(self.harmless).double(), -1)
+        self.base = self._score_current()
+        self.calls = 0
+
+    @torch.no_grad()
+    def _logits(self, batches: list[dict]) -> torch.Tensor:
+        out = [self.model(**b, use_cache=False, logits_to_keep=1).logits[:, -1].float().cpu() for b in batches]
+        return torch.cat(out)
+
+    def _score_current(self) -> Scores:
+        probs = torch.softmax(self._logits(self.harmful).double(), -1)
+        refusal = probs[:, self.ids].sum(-1)
+        argmax_refuses = torch.isin(probs.argmax(-1), torch.tensor(self.ids))
+        logq = torch.log_softmax(self._logits(self.harmless).double(), -1)
+        kl = (self.base_logp.exp() * (self.base_logp - logq)).sum(-1).clamp_min(0)
+        return Scores(float(refusal.mean()), float(argmax_refuses.double().mean()), float(kl.mean()))
+
+    def __call__(self, plan: AblationPlan) -> Scores:
+        self.calls += 1
+        with edited_weights(self.model, plan, self.norm_preserving, self.force):
+            return self._score_current()
+
+
+def generated_refusals(
+    model: nn.Module,
+    tokenizer: object,
+    formatter: ChatFormatter,
+    prompts: Sequence[str],
+    plan: AblationPlan | None,
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+    norm_preserving: bool = False,
+    force: bool = False,
+) -> tuple[int, list[str]]:
+    """Greedy replies to ``prompts`` with the plan's weights; (number judged refusals, the replies)."""
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+    def run() -> list[str]:
+        out = generate(model, tokenizer, list(prompts), settings=settings, formatter=formatter, progress=False)
+        return [c.completion for c in out]
+
+    if plan is None:
+        replies = run()
+    else:
+        with edited_weights(model, plan, norm_preserving, force):
+            replies = run()
+    return sum(is_refusal_text(r) for r in replies), replies

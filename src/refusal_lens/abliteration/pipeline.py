@@ -1,0 +1,199 @@
+"""``abliterate``: directions → structured search → front checked by generation → the chosen point.
+
+Example:
+    >>> result = abliterate(model, tok, harmful, harmless, checkpoint="run.jsonl", max_kl=0.01)  # doctest: +SKIP
+    >>> result.chosen["refusal_generated"], result.chosen["kl"]                                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.errors import UserError
+from ..core.models import model_name
+from ..core.prompts import ChatFormatter
+from ..direction.scoring import detect_refusal_tokens
+from ..direction.variants import DirectionSet
+from .objectives import Evaluator, generated_refusals
+from .search import Checkpoint, Point, Search, SearchConfig, pareto_front
+
+
+@dataclass
+class AbliterateConfig:
+    n_train: int = 256
+    """Harmful and harmless prompts each whose mean activations give the directions."""
+    n_search: int = 64
+    """Harmful and harmless prompts each (held out from the directions) that score every search point."""
+    max_evaluations: int = 150
+    """Most points the search scores (first-token objectives, one forward pass per batch each)."""
+    check_points: int = 8
+    """Front points checked by generating replies (the chosen point is always among them)."""
+    check_tokens: int = 64
+    """New tokens per greedy reply when checking the front (substring refusal judge)."""
+    norm_preserving: bool = False
+    """Norm-preserving ("biprojected") weight edits: every edited row keeps its norm."""
+    batch_size: int = 32
+    """Prompts per forward pass."""
+    seed: int = 0
+    """Seed for splitting the prompts into direction and search sets."""
+
+
+@dataclass
+class AbliterationResult:
+    directions: DirectionSet
+    rows: list[dict[str, Any]]  # every scored point
+    front: list[dict[str, Any]]  # checked points not dominated in (generated refusal, KL)
+    chosen: dict[str, Any]
+    refusal_ids: list[int]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def point(self) -> Point:
+        return Point.from_json(self.chosen["point"])
+
+
+def split_prompts(items: Sequence[str], n_train: int, n_search: int, seed: int) -> tuple[list[str], list[str]]:
+    """Disjoint (train, search) samples: the search set is held out from the directions."""
+    if len(items) < 4:
+        raise UserError(f"abliterate needs at least 4 prompts of each kind; got {len(items)}.")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_s = min(n_search, len(items) // 2)
+    return [items[i] for i in order[n_s : n_s + n_train]], [items[i] for i in order[:n_s]]
+
+
+def data_hash(items: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(items).encode("utf-8")).hexdigest()
+
+
+def pick(front: list[dict[str, Any]], max_kl: float | None, max_refusal: float | None) -> dict[str, Any]:
+    """Fewest generated refusals with KL ≤ max_kl, or lowest KL with refusal rate ≤ max_refusal."""
+    if max_refusal is not None:
+        ok = [r for r in front if r["refusal_generated"] <= max_refusal + 1e-12]
+        if not ok:
+            best = min(r["refusal_generated"] for r in front)
+            raise UserError(f"no front point has a refusal rate <= {max_refusal}; the lowest is {best:.3f}. "
+                            "Raise --max-refusal or --max-evaluations.")  # fmt: skip
+        return min(ok, key=lambda r: (r["kl"], r["refusal_generated"]))
+    limit = 0.02 if max_kl is None else max_kl
+    ok = [r for r in front if r["kl"] <= limit]
+    if not ok:
+        best = min(r["kl"] for r in front)
+        raise UserError(f"no front point has KL <= {limit}; the lowest is {best:.4f}. Raise --max-kl.")
+    return min(ok, key=lambda r: (r["refusal_generated"], r["kl"]))
+
+
+def _to_check(front: list[dict[str, Any]], k: int, max_kl: float | None, max_refusal: float | None) -> list[dict]:
+    """Front points worth generating for: the best few under the user's bound, then a spread of the rest."""
+    if max_refusal is not None:
+        under = sorted((r for r in front if r["refusal"] <= 1.5 * max_refusal + 0.02), key=lambda r: r["kl"])
+    else:
+        limit = 0.02 if max_kl is None else max_kl
+        under = sorted((r for r in front if r["kl"] <= limit), key=lambda r: r["refusal"])
+    chosen = under[: max(1, k // 2)]
+    rest = [r for r in front if r not in chosen]
+    if rest and k > len(chosen):
+        n = k - len(chosen)
+        chosen += [rest[round(i * (len(rest) - 1) / max(n - 1, 1))] for i in range(min(n, len(rest)))]
+    unique = {json.dumps(r["point"], sort_keys=True): r for r in chosen}
+    return list(unique.values())
+
+
+def abliterate(
+    model: nn.Module,
+    tokenizer: object,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    checkpoint: str,
+    config: AbliterateConfig | None = None,
+    harmful_search: Sequence[str] | None = None,
+    harmless_search: Sequence[str] | None = None,
+    system: str | None = None,
+    chat_template: str | None = None,
+    refusal_ids: Sequence[int] | None = None,
+    max_kl: float | None = None,
+    max_refusal: float | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> AbliterationResult:
+    """Search the (refusal, KL) front and pick a point; every scored point is checkpointed to ``checkpoint``."""
+    cfg = config or AbliterateConfig()
+    t0 = time.perf_counter()
+    fmt = ChatFormatter(tokenizer, system=system, chat_template=chat_template)
+    harmful_train, hf_search = split_prompts(list(harmful), cfg.n_train, cfg.n_search, cfg.seed)
+    harmless_train, hl_search = split_prompts(list(harmless), cfg.n_train, cfg.n_search, cfg.seed)
+    if harmful_search is not None:
+        harmful_train, hf_search = list(harmful)[: cfg.n_train], list(harmful_search)[: cfg.n_search]
+    if harmless_search is not None:
+        harmless_train, hl_search = list(harmless)[: cfg.n_train], list(harmless_search)[: cfg.n_search]
+    ids = list(refusal_ids) if refusal_ids else detect_refusal_tokens(model, fmt, harmful_train, harmless_train)
+    directions = DirectionSet.from_prompts(model, fmt, harmful_train, harmless_train, cfg.batch_size)
+    evaluator = Evaluator(model, fmt, hf_search, hl_search, ids, cfg.batch_size, cfg.norm_preserving, force)
+    fingerprint = {
+        "model": model_name(model),
+        "data": [data_hash(x) for x in (harmful_train, harmless_train, hf_search, hl_search)],
+        "system": system,
+        "refusal_ids": ids,
+        # the budget and the checks do not change any score, so a resumed run may change them
+        "config": {
+            k: v for k, v in asdict(cfg).items() if k not in ("check_points", "check_tokens", "max_evaluations")
+        },
+    }
+    store = Checkpoint(checkpoint, fingerprint)
+    resumed = len(store.rows)
+    first_seen: dict[str, float] = {}
+    search = Search(
+        directions,
+        evaluator,
+        store,
+        SearchConfig(
+            max_evaluations=cfg.max_evaluations,
+            target_kl=(0.02 if max_kl is None else max_kl) if max_refusal is None else None,
+            target_refusal=max_refusal,
+        ),
+        progress,
+        on_point=lambda row: first_seen.setdefault(json.dumps(row["point"]), time.perf_counter() - t0),
+    )
+    rows = search.run()
+    t_search = time.perf_counter() - t0
+    front = pareto_front(rows)
+    checked = []
+    base_n, _ = generated_refusals(model, tokenizer, fmt, hf_search, None, cfg.check_tokens, cfg.batch_size)
+    for row in tqdm(_to_check(front, cfg.check_points, max_kl, max_refusal), desc="check front", disable=not progress):
+        plan = Point.from_json(row["point"]).plan(directions)
+        n, _ = generated_refusals(
+            model, tokenizer, fmt, hf_search, plan, cfg.check_tokens, cfg.batch_size, cfg.norm_preserving, force
+        )
+        checked.append({**row, "refusals_generated": n, "refusal_generated": n / len(hf_search)})
+    checked_front = pareto_front(checked, "refusal_generated")
+    chosen = pick(checked_front, max_kl, max_refusal)
+    info = {
+        "n_prompts": {
+            "harmful_train": len(harmful_train),
+            "harmless_train": len(harmless_train),
+            "harmful_search": len(hf_search),
+            "harmless_search": len(hl_search),
+        },  # fmt: skip
+        "data_sha256": dict(
+            zip(("harmful_train", "harmless_train", "harmful_search", "harmless_search"), fingerprint["data"])
+        ),  # fmt: skip
+        "refusal_ids": ids,
+        "refusal_tokens": [tokenizer.decode([i]) for i in ids],
+        "baseline": {**evaluator.base.to_json(), "refusals_generated": base_n, "n_harmful_search": len(hf_search)},
+        "evaluations": len(rows),
+        "evaluations_resumed": resumed,
+        "seconds_search": t_search,
+        "seconds_total": time.perf_counter() - t0,
+        "checked": checked,
+        "system": system,
+    }
+    return AbliterationResult(directions, rows, checked_front, chosen, ids, info)

@@ -1,0 +1,250 @@
+"""A structured search for the Pareto front of (refusal, KL on harmless prompts).
+
+Instead of hundreds of blind trials, the search follows the model's structure, in three phases, each scored
+with the cheap first-token objectives (:mod:`.objectives`):
+
+1. **direction**: full ablation (strength 1 everywhere) with each integer direction index, plain and
+   projected, global and per-layer: which direction removes refusal at all;
+2. **shape**: for the best directions, a small grid of layer kernels (peak, width, strengths 0.6 and 1; attention
+   and MLP together, or attention alone): where in depth the edit is needed;
+3. **refine**: coordinate descent over every kernel parameter (attention and MLP separately) and the direction
+   index, with halving steps: first for the user's bound (fewest refusals with KL ≤ --max-kl, or lowest KL with
+   refusal ≤ --max-refusal, as a penalty), then for several refusal + β·KL trade-offs, until the budget is spent.
+
+Every evaluated point is appended to a JSON Lines checkpoint as soon as it is scored; a rerun with the same
+inputs reads it back and skips those evaluations, so an interrupted search resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.errors import UserError
+from ..direction.strengths import AblationPlan
+from ..direction.variants import DirectionSet
+from .objectives import Scores
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """Strength over layers: ``max_weight`` at ``peak``, falling linearly to ``min_weight`` at distance ``width``,
+    zero beyond."""
+
+    max_weight: float = 1.0
+    peak: float = 0.0
+    width: float = 1e9
+    min_weight: float = 1.0
+
+    def weights(self, n_layers: int) -> torch.Tensor:
+        dist = (torch.arange(n_layers, dtype=torch.float64) - self.peak).abs()
+        frac = (dist / max(self.width, 1e-9)).clamp(max=1.0)
+        w = self.max_weight + (self.min_weight - self.max_weight) * frac
+        return torch.where(dist <= self.width, w, torch.zeros_like(w))
+
+
+OFF = Kernel(0.0, 0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One candidate abliteration: the direction and the two kernels."""
+
+    index: float
+    scope: str = "global"  # "global" or "per_layer"
+    projected: bool = False
+    attn: Kernel = Kernel()
+    mlp: Kernel = Kernel()
+    embed: float = 0.0
+
+    def key(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True)
+
+    def to_json(self) -> dict[str, Any]:
+        rounded = json.loads(json.dumps(asdict(self)), parse_float=lambda s: round(float(s), 6))
+        return rounded
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Point:
+        return cls(**{**obj, "attn": Kernel(**obj["attn"]), "mlp": Kernel(**obj["mlp"])})
+
+    def plan(self, directions: DirectionSet) -> AblationPlan:
+        dirs, embed_dir = directions.plan_directions(self.index, self.scope, self.projected)
+        L = directions.n_layers
+        return AblationPlan(dirs, self.attn.weights(L), self.mlp.weights(L), embed_dir, self.embed)
+
+
+def pareto_front(rows: list[dict[str, Any]], refusal_key: str = "refusal") -> list[dict[str, Any]]:
+    """Rows not dominated in (refusal, kl), sorted by KL (ties: first seen)."""
+    ordered = sorted(rows, key=lambda r: (r["kl"], r[refusal_key]))
+    front, best = [], float("inf")
+    for r in ordered:
+        if r[refusal_key] < best - 1e-12:
+            front.append(r)
+            best = r[refusal_key]
+    return front
+
+
+class Checkpoint:
+    """Evaluated points in a JSON Lines file: a header with the inputs' fingerprint, then one point per line."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any]):
+        self.path = Path(path)
+        self.fingerprint = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+        self.rows: dict[str, dict[str, Any]] = {}
+        if self.path.is_file():
+            lines = [json.loads(s) for s in self.path.read_text(encoding="utf-8").splitlines() if s.strip()]
+            if not lines or lines[0].get("fingerprint") != self.fingerprint:
+                raise UserError(
+                    f"search checkpoint {self.path} was written for other inputs or options; remove it to start "
+                    "over, or give another --out."
+                )
+            for row in lines[1:]:
+                self.rows[Point.from_json(row["point"]).key()] = row
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"fingerprint": self.fingerprint}) + "\n", encoding="utf-8")
+
+    def add(self, row: dict[str, Any]) -> None:
+        # one short line per write, flushed: an interruption loses at most the point being scored
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.rows[Point.from_json(row["point"]).key()] = row
+
+
+@dataclass
+class SearchConfig:
+    n_directions: int = 2
+    """Directions (from phase 1) whose layer kernels are searched."""
+    tradeoffs: tuple[float, ...] = (3.0, 10.0, 30.0, 100.0)
+    """Weights β of KL against refusal in the refinement phase (minimise refusal + β·KL for each)."""
+    refine_rounds: int = 3
+    """Step halvings in the refinement phase."""
+    max_evaluations: int = 150
+    """Hard cap on scored points (a resumed run counts the points read back)."""
+    target_kl: float | None = None
+    """Refine first for the fewest refusals with KL at most this (the user's --max-kl)."""
+    target_refusal: float | None = None
+    """Refine first for the lowest KL with the first-token refusal at most this (the user's --max-refusal)."""
+
+
+class Search:
+    """Runs the three phases; ``evaluate(plan) -> Scores`` is the (expensive) objective."""
+
+    def __init__(
+        self,
+        directions: DirectionSet,
+        evaluate: Callable[[AblationPlan], Scores],
+        checkpoint: Checkpoint,
+        config: SearchConfig | None = None,
+        progress: bool = True,
+        on_point: Callable[[dict[str, Any]], None] | None = None,
+    ):
+        self.directions, self.evaluate, self.checkpoint = directions, evaluate, checkpoint
+        self.cfg = config or SearchConfig()
+        self.L = directions.n_layers
+        self.bar = tqdm(total=self.cfg.max_evaluations, desc="abliterate search", disable=not progress)
+        self.on_point = on_point
+        self.order: list[dict[str, Any]] = []  # rows in the order this run visited them
+        self.t0 = time.perf_counter()
+
+    def score(self, point: Point, phase: str) -> dict[str, Any] | None:
+        key = point.key()
+        row = self.checkpoint.rows.get(key)
+        if row is None:
+            if len(self.checkpoint.rows) >= self.cfg.max_evaluations:
+                return None
+            scores = self.evaluate(point.plan(self.directions))
+            seconds = round(time.perf_counter() - self.t0, 3)  # since this run's search began (benchmarks use it)
+            row = {"point": point.to_json(), "phase": phase, **scores.to_json(), "seconds": seconds}
+            self.checkpoint.add(row)
+            self.bar.update(1)
+            self.bar.set_postfix(refusal=f"{row['refusal']:.3f}", kl=f"{row['kl']:.4f}")
+            if self.on_point:
+                self.on_point(row)
+        if row not in self.order:
+            self.order.append(row)
+        return row
+
+    def _all(self, points: Iterable[Point], phase: str) -> list[dict[str, Any]]:
+        return [r for r in (self.score(p, phase) for p in points) if r is not None]
+
+    def run(self) -> list[dict[str, Any]]:
+        L = self.L
+        full = Kernel(1.0, (L - 1) / 2, float(L), 1.0)
+        scan = [Point(float(i), "global", pj, full, full) for i in range(1, L) for pj in (False, True)]
+        scan += [Point(float(L // 2), "per_layer", pj, full, full) for pj in (False, True)]
+        rows = self._all(scan, "direction")
+        best = sorted(rows, key=lambda r: (r["refusal"], r["kl"]))[: self.cfg.n_directions]
+        for r in best:
+            base = Point.from_json(r["point"])
+            self._all(self._shapes(base), "shape")
+        if self.cfg.target_kl is not None:  # the user's bound first: most of the budget goes where the pick is
+            t = self.cfg.target_kl
+            self._refine(lambda r: r["refusal"] + 100 * max(0.0, r["kl"] - t) + 1e-3 * r["kl"], f"kl<={t:g}")
+        if self.cfg.target_refusal is not None:
+            t = self.cfg.target_refusal
+            self._refine(lambda r: r["kl"] + 100 * max(0.0, r["refusal"] - t) + 1e-3 * r["refusal"], f"refusal<={t:g}")
+        for beta in self.cfg.tradeoffs:
+            self._refine(lambda r, b=beta: r["refusal"] + b * r["kl"], f"beta={beta:g}")
+        self.bar.close()
+        return list(self.checkpoint.rows.values())
+
+    def _shapes(self, base: Point) -> list[Point]:
+        L = self.L
+        out = []
+        for peak in (0.25 * (L - 1), 0.5 * (L - 1), 0.75 * (L - 1)):
+            for width in (0.25 * L, 0.5 * L, float(L)):
+                for strength in (0.6, 1.0):
+                    k = Kernel(strength, peak, width, 0.0)
+                    out += [replace(base, attn=k, mlp=k), replace(base, attn=k, mlp=OFF)]
+        return out
+
+    def _refine(self, objective: Callable[[dict[str, Any]], float], name: str) -> None:
+        """Coordinate descent on ``objective`` from the best point so far, halving the steps each round."""
+        current = min(self.checkpoint.rows.values(), key=objective)
+        point = Point.from_json(current["point"])
+        steps = {"max_weight": 0.2, "peak": 1.0, "width": 1.0, "min_weight": 0.2}
+        for _ in range(self.cfg.refine_rounds):
+            improved = True
+            while improved:
+                improved = False
+                for candidate in self._neighbours(point, steps):
+                    row = self.score(candidate, f"refine:{name}")
+                    if row is not None and objective(row) < objective(current) - 1e-9:
+                        current, point, improved = row, candidate, True
+            steps = {k: v / 2 for k, v in steps.items()}
+
+    def _neighbours(self, point: Point, steps: dict[str, float]) -> list[Point]:
+        out = []
+        for part in ("attn", "mlp"):
+            kernel: Kernel = getattr(point, part)
+            for name, step in steps.items():
+                for sign in (-1, 1):
+                    value = getattr(kernel, name) + sign * step
+                    if name in ("max_weight", "min_weight"):
+                        value = min(max(value, 0.0), 1.5)
+                    elif name == "peak":
+                        value = min(max(value, 0.0), self.L - 1.0)
+                    else:
+                        value = min(max(value, 0.5), float(self.L))
+                    moved = replace(kernel, **{name: value})
+                    if moved != kernel:
+                        out.append(replace(point, **{part: moved}))
+        if point.scope == "global":
+            for sign in (-1, 1):
+                index = min(max(point.index + sign * steps["peak"], 1.0), self.L - 1.0)
+                if index != point.index:
+                    out.append(replace(point, index=index))
+        return out

@@ -1,0 +1,110 @@
+"""``refusal-lens abliterate``: search the (refusal, KL) front of per-layer ablations, write the chosen model.
+
+Example:
+    refusal-lens abliterate --harmful h.json --harmless ok.json --model M --max-kl 0.01 --out abliterated/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..abliteration.outputs import EXPORTS, write_outputs
+from ..abliteration.pipeline import AbliterateConfig, abliterate
+from ..core.config_args import add_dataclass_arguments, dataclass_from_args
+from ..core.errors import UserError
+from ..direction.scoring import parse_refusal_tokens
+from .common import (
+    add_model_arguments,
+    add_prompt_arguments,
+    chat_template_from_args,
+    load_model_from_args,
+    resolve_prompts,
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    add_prompt_arguments(p)
+    p.add_argument("--out", required=True, help="output folder: the chosen point's merged checkpoint, front.json, ...")
+    pick = p.add_mutually_exclusive_group()
+    pick.add_argument(
+        "--max-kl", type=float, default=None, help="pick the fewest refusals with KL <= this (default 0.02)"
+    )
+    pick.add_argument(
+        "--max-refusal", type=float, default=None, help="pick the lowest KL with refusal rate <= this (0..1)"
+    )
+    p.add_argument("--export", default="", help=f"comma-separated extra exports: {', '.join(EXPORTS)}")
+    p.add_argument(
+        "--checkpoint", default=None, help="resume file (default: .<out name>.abliterate.jsonl beside --out)"
+    )
+    p.add_argument("--refusal-tokens", default=None, help="comma-separated refusal tokens or ids (default: detected)")
+    p.add_argument("--force", action="store_true", help="edit post-norm families too, where the edit is inexact")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_dataclass_arguments(p.add_argument_group("search"), AbliterateConfig)
+
+
+def _texts(prompts):
+    return None if prompts is None else [x.instruction for x in prompts]
+
+
+def run(args: argparse.Namespace) -> int:
+    exports = [e.strip() for e in args.export.split(",") if e.strip()]
+    unknown = [e for e in exports if e not in EXPORTS]
+    if unknown:
+        raise UserError(f"--export {','.join(unknown)} is unknown; choose from {', '.join(EXPORTS)}.")
+    for name in ("max_kl", "max_refusal"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a number >= 0; got {value}.")
+    cfg = dataclass_from_args(AbliterateConfig, args)
+    if cfg.n_search < 2 or cfg.n_train < 2 or cfg.max_evaluations < 1:
+        raise UserError("--n-search and --n-train must be at least 2 and --max-evaluations at least 1.")
+    harmful = resolve_prompts(args, "harmful", "train")
+    harmless = resolve_prompts(args, "harmless", "train")
+    harmful_val = resolve_prompts(args, "harmful-val", "val")
+    harmless_val = resolve_prompts(args, "harmless-val", "val")
+    out = Path(args.out)
+    checkpoint = args.checkpoint or str(out.resolve().parent / f".{out.resolve().name}.abliterate.jsonl")
+    model, tokenizer = load_model_from_args(args)
+    ids = parse_refusal_tokens(tokenizer, args.refusal_tokens) if args.refusal_tokens else None
+    result = abliterate(
+        model,
+        tokenizer,
+        _texts(harmful),
+        _texts(harmless),
+        checkpoint,
+        cfg,
+        _texts(harmful_val),
+        _texts(harmless_val),
+        system=args.system,
+        chat_template=chat_template_from_args(args),
+        refusal_ids=ids,
+        max_kl=args.max_kl,
+        max_refusal=args.max_refusal,
+        progress=not args.no_progress,
+        force=args.force,
+    )
+    options = {k: v for k, v in vars(args).items() if not k.startswith("_") and not callable(v)}
+    summary = write_outputs(
+        out, model, tokenizer, result, checkpoint, exports, ["refusal-lens", *sys.argv[1:]], options,
+        cfg.norm_preserving, args.force,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "front"} | {"front": summary["front"]}, indent=2))
+        return 0
+    c, base = summary["chosen"], summary["baseline"]
+    n = base["n_harmful_search"]
+    print(
+        f"scored {summary['evaluations']} points ({summary['evaluations_resumed']} resumed) in "
+        f"{summary['seconds_search']:.0f} s; checked {len(summary['front'])} front points by generation.\n"
+        f"chosen: {c['refusals_generated']}/{n} harmful refused (original {base['refusals_generated']}/{n}), "
+        f"first-token KL {c['kl']:.4g} on harmless prompts.\n"
+        f"wrote {out}/ (merged checkpoint, front.json, front.png, README.md, reproduce.json"
+        + "".join(f", {e}" for e in exports)
+        + ")"
+    )
+    return 0

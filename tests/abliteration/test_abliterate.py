@@ -1,0 +1,163 @@
+"""abliterate: kernels, the front, resume after interruption, the CLI's outputs, and the exports in their clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from refusal_lens.abliteration.exports import control_vectors, lora_tensors, read_control_vector, save_control_vector
+from refusal_lens.abliteration.objectives import Evaluator
+from refusal_lens.abliteration.search import Checkpoint, Kernel, Point, Search, SearchConfig, pareto_front
+from refusal_lens.core.errors import UserError
+from refusal_lens.core.prompts import ChatFormatter
+from refusal_lens.direction.strengths import AblationPlan, edit_weights, edited_weights
+from refusal_lens.direction.variants import DirectionSet
+from refusal_lens.testing import random_model
+
+from ..conftest import HARMFUL, HARMLESS
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+
+def test_kernel_is_a_linear_tent_with_a_floor():
+    k = Kernel(max_weight=1.0, peak=3.0, width=2.0, min_weight=0.5)
+    assert k.weights(7).tolist() == [0.0, 0.5, 0.75, 1.0, 0.75, 0.5, 0.0]
+    assert Kernel(0.8, 0, 1e9, 0.8).weights(3).tolist() == pytest.approx([0.8] * 3)
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    rows = [
+        {"refusal": r, "kl": k, "i": i} for i, (r, k) in enumerate([(0.5, 0.1), (0.4, 0.2), (0.6, 0.3), (0.1, 1.0)])
+    ]
+    assert [r["i"] for r in pareto_front(rows)] == [0, 1, 3]
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer):
+    model = random_model("llama", n_layers=3)
+    fmt = ChatFormatter(tokenizer)
+    ds = DirectionSet.from_prompts(model, fmt, HARMFUL, HARMLESS)
+    return model, fmt, ds
+
+
+def test_search_resumes_from_its_checkpoint_without_rescoring(setup, tmp_path):
+    model, fmt, ds = setup
+    ev = Evaluator(model, fmt, HARMFUL[:3], HARMLESS[:3], [5, 6])
+    fresh = Search(ds, ev, Checkpoint(tmp_path / "a.jsonl", {"x": 1}), SearchConfig(max_evaluations=40), False).run()
+    assert ev.calls == 40
+    # an "interrupted" run: only 15 points got scored before it stopped
+    ev2 = Evaluator(model, fmt, HARMFUL[:3], HARMLESS[:3], [5, 6])
+    Search(ds, ev2, Checkpoint(tmp_path / "b.jsonl", {"x": 1}), SearchConfig(max_evaluations=15), False).run()
+    ev3 = Evaluator(model, fmt, HARMFUL[:3], HARMLESS[:3], [5, 6])
+    resumed = Search(ds, ev3, Checkpoint(tmp_path / "b.jsonl", {"x": 1}), SearchConfig(max_evaluations=40), False).run()
+    assert ev3.calls == 25  # only the points the first run had not scored
+    key = {json.dumps(r["point"], sort_keys=True): (r["refusal"], r["kl"]) for r in fresh}
+    assert {json.dumps(r["point"], sort_keys=True): (r["refusal"], r["kl"]) for r in resumed} == key
+    with pytest.raises(UserError, match="other inputs"):
+        Checkpoint(tmp_path / "b.jsonl", {"x": 2})
+
+
+def test_evaluator_matches_an_independent_float64_recomputation(setup):
+    model, fmt, ds = setup
+    plan = Point(1.5, "global", True, Kernel(0.9, 1, 1.5, 0.3), Kernel(0.7, 2, 2, 0.0)).plan(ds)
+    ev = Evaluator(model, fmt, HARMFUL[:4], HARMLESS[:4], [5, 6], batch_size=3)
+    got = ev(plan)
+    m64 = random_model("llama", n_layers=3).double()
+    base = m64(**fmt.encode(HARMLESS[:4])).logits[:, -1].log_softmax(-1)
+    edit_weights(m64, plan)
+    p_harm = m64(**fmt.encode(HARMFUL[:4])).logits[:, -1].softmax(-1)[:, [5, 6]].sum(-1).mean()
+    edited = m64(**fmt.encode(HARMLESS[:4])).logits[:, -1].log_softmax(-1)
+    kl = (base.exp() * (base - edited)).sum(-1).mean()
+    assert got.refusal == pytest.approx(float(p_harm), abs=1e-5)
+    assert got.kl == pytest.approx(float(kl), rel=1e-3)  # float32 model vs float64 reference
+    assert got.kl > 1e-6  # the plan changes something
+
+
+def test_lora_export_merged_by_peft_equals_our_edit(setup, tmp_path, tokenizer):
+    peft = pytest.importorskip("peft")
+    from refusal_lens.abliteration.exports import save_lora
+
+    model, fmt, ds = setup
+    plan = Point(1.0, "per_layer", False, Kernel(1.0, 1, 1, 0.2), Kernel(0.6, 0, 3, 0.6)).plan(ds)
+    batch = fmt.encode(HARMLESS[:3])
+    with edited_weights(model, plan):
+        ours = model(**batch).logits
+    info = save_lora(model, plan, tmp_path / "lora")
+    assert info["exact"] and info["max_abs_merge_error"] < 1e-6
+    base = random_model("llama", n_layers=3)
+    merged = peft.PeftModel.from_pretrained(base, tmp_path / "lora").merge_and_unload()
+    assert (merged(**batch).logits - ours).abs().max() < 1e-4
+    # norm-preserving edits are not rank-1: an SVD approximation whose reported error shrinks with the rank
+    errors = [lora_tensors(model, plan, norm_preserving=True, rank=r)[3] for r in (1, 3, 32)]
+    assert errors[0] > errors[1] > 1e-4 and errors[2] < 1e-6  # rank 32 = the width: exact
+
+
+def test_control_vector_round_trips_through_gguf_exactly(setup, tmp_path):
+    pytest.importorskip("gguf")
+    _, _, ds = setup
+    vectors = control_vectors(ds.raw, 2.4)
+    assert list(vectors) == [1]  # slot 2 is the output of block 1
+    save_control_vector(vectors, tmp_path / "cv.gguf", "tiny", 3)
+    back = read_control_vector(tmp_path / "cv.gguf")
+    assert set(back) == {1} and torch.equal(back[1], vectors[1])
+    assert list(control_vectors(ds.raw, 0.6)) == [1]  # llama.cpp has no block-0 vector: the nearest allowed
+    assert torch.equal(control_vectors(ds.raw, 2.0, scale=2.0)[1], (-2 * ds.raw[2]).float())
+
+
+def _cli(args, cwd):
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", "import sys; from refusal_lens.cli.main import main; sys.exit(main())", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def test_cli_writes_the_chosen_model_front_and_exports(saved_model, tmp_path):
+    harmful, harmless = tmp_path / "harmful.json", tmp_path / "harmless.json"
+    harmful.write_text(json.dumps(HARMFUL * 2))
+    harmless.write_text(json.dumps(HARMLESS * 2))
+    out = tmp_path / "abl"
+    args = ["abliterate", "--model", str(saved_model), "--harmful", str(harmful), "--harmless", str(harmless),
+            "--out", str(out), "--refusal-tokens", "5,6", "--max-kl", "100", "--max-evaluations", "30",
+            "--n-search", "4", "--check-points", "2", "--check-tokens", "3", "--export", "lora,control-vector",
+            "--no-progress", "--json"]  # fmt: skip
+    res = _cli(args, tmp_path)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    front = json.loads((out / "front.json").read_text())
+    assert len(front["points"]) == 30 and all({"refusal", "kl", "point"} <= set(r) for r in front["points"])
+    assert (out / "front.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "reproduce.json").read_text())["command"].startswith("refusal-lens abliterate")
+    assert (out / "lora" / "adapter_config.json").is_file() and (out / "control_vector.gguf").is_file()
+    assert not (tmp_path / ".abl.abliterate.jsonl").exists() and (out / "points.jsonl").is_file()
+    # the saved model is the chosen point's edit of the original
+    original = AutoModelForCausalLM.from_pretrained(saved_model).eval()
+    fmt = ChatFormatter(__import__("transformers").AutoTokenizer.from_pretrained(saved_model))
+    directions = DirectionSet.from_prompts(original, fmt, *_train_sets(HARMFUL * 2, HARMLESS * 2))
+    plan = Point.from_json(summary["chosen"]["point"]).plan(directions)
+    batch = fmt.encode(HARMLESS[:3])
+    with edited_weights(original, plan):
+        expected = original(**batch).logits
+    saved = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (saved(**batch).logits - expected).abs().max() < 1e-4
+    bad = _cli([*args[:-2], "--export", "onnx"], tmp_path)
+    assert bad.returncode == 2 and "onnx" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def _train_sets(harmful, harmless):
+    from refusal_lens.abliteration.pipeline import AbliterateConfig, split_prompts
+
+    cfg = AbliterateConfig(n_search=4)
+    return (split_prompts(harmful, cfg.n_train, 4, cfg.seed)[0], split_prompts(harmless, cfg.n_train, 4, cfg.seed)[0])
+
+
+def test_plan_with_every_strength_zero_changes_nothing(setup):
+    model, fmt, ds = setup
+    zero = AblationPlan(ds.write_units(), torch.zeros(3), torch.zeros(3))
+    ev = Evaluator(model, fmt, HARMFUL[:2], HARMLESS[:2], [5])
+    assert ev(zero).kl == 0.0
