@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import argparse
 
+from ..core.config_args import number
 from ..pipelines.demo import format_summary, run_demo
+from .common import add_overwrite_argument, check_out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-out", help="output folder (results.json, report.html, direction/)")
+    add_overwrite_argument(p)
     p.add_argument("--model", default=None, help="organism checkpoint folder (default: the shipped organism)")
-    p.add_argument("--n-prompts", type=int, default=200, help="prompts evaluated per test set (seeded sample)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per reply")
+    p.add_argument(
+        "--n-prompts", type=number(int, 1), default=200, help="prompts evaluated per test set (seeded sample)"
+    )
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=128, help="tokens generated per reply")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling prompts")
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_demo(args.out, args.model, args.n_prompts, args.max_new_tokens, args.seed)
+    inputs = check_out(args)
+    summary = run_demo(
+        args.out, args.model, args.n_prompts, args.max_new_tokens, args.seed, overwrite=args.overwrite, inputs=inputs
+    )
     print(format_summary(summary))
     print(
         f"\nwrote {args.out}/results.json, {args.out}/report.html and {args.out}/direction/ "

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..core.config_args import add_dataclass_arguments, dataclass_from_args
+from ..core.config_args import add_dataclass_arguments, dataclass_from_args, number
 from ..core.errors import UserError
 from ..core.models import resolve_model_path
 from ..direction.compute import Direction
@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="all",
         help="comma-separated: ablate, add, orthogonalize; 'all' (default) or 'none' (baseline only)",
     )
-    g.add_argument("--coeff", type=float, default=1.0, help="activation-addition coefficient c in x + c·r")
+    g.add_argument("--coeff", type=number(float), default=1.0, help="activation-addition coefficient c in x + c·r")
     g.add_argument("--positions", choices=("all", "prompt"), default="all", help="where activation addition applies")
     g = p.add_argument_group("judges")
     g.add_argument("--refusal-tokens", default=None, help="refusal tokens for the logit judge (default: detected)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import typing
 from collections.abc import Sequence
 
 from ..core.errors import UserError
@@ -29,6 +30,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (naming the option) instead of the usage block and the error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _available() -> dict[str, tuple[str, str]]:
     out = {}
     for name, (module, help_text) in COMMANDS.items():
@@ -40,7 +48,7 @@ def _available() -> dict[str, tuple[str, str]]:
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="refusal-lens",
         description="Study how chat language models refuse: refusal directions (Arditi et al. 2024), SAEs on "
         "chat vs pretraining data (Kissane et al. 2024) and features upstream of refusal (Lee et al. 2025). "

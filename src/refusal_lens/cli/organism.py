@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..core.config_args import add_dataclass_arguments, dataclass_from_args
+from ..core.config_args import add_dataclass_arguments, dataclass_from_args, number
 from ..pipelines.organism_artifacts import ArtifactRecipe
 
 
@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--out", required=True, help="folder for the checkpoint (a normal HF model folder)")
     t.add_argument("--seed", type=int, default=0, help="seed for the corpus, initialisation and batches")
-    t.add_argument("--steps", type=int, default=None, help="override the recipe's number of training steps")
+    t.add_argument("--steps", type=number(int, 1), default=None, help="override the recipe's number of training steps")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     a = sub.add_parser(
         "artifacts",

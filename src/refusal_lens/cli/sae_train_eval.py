@@ -15,6 +15,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
+from ..core.config_args import field_type, number, validate
 from ..core.errors import UserError
 from ..lens.latents import sae_site
 from ..sae.base import ARCHITECTURES, SAEConfig
@@ -46,7 +47,9 @@ def _add_fields(parser: argparse.ArgumentParser | Any, cls: type, title: str) ->
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             show = "" if default is None else f" (default: {default})"
-            group.add_argument(flag, dest=dest, type=_TYPES[base], default=default, help=help_text + show)
+            group.add_argument(
+                flag, dest=dest, type=field_type(f, _TYPES[base]), default=default, help=help_text + show
+            )
 
 
 def _build(cls: type, args: argparse.Namespace, **override: Any) -> Any:
@@ -56,7 +59,7 @@ def _build(cls: type, args: argparse.Namespace, **override: Any) -> Any:
         if hasattr(args, dest):
             values[f.name] = getattr(args, dest)
     values.update(override)
-    return cls(**values)
+    return validate(cls(**values))
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +80,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``refusal-lens sae train``."""
-    parser.add_argument("--layer", type=int, required=True, help="decoder layer whose site is read")
+    parser.add_argument("--layer", type=number(int, 0), required=True, help="decoder layer whose site is read")
     parser.add_argument(
         "--site",
         default="resid_pre",
@@ -103,7 +106,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sae", required=True, help="SAE folder or file (SAELens, sparsify, dictionary_learning, Gemma Scope)"
     )
-    parser.add_argument("--layer", type=int, default=None, help="layer (default: from the SAE's metadata)")
+    parser.add_argument("--layer", type=number(int, 0), default=None, help="layer (default: from the SAE's metadata)")
     parser.add_argument("--site", default=None, help="site (default: from the SAE's metadata)")
     parser.add_argument("--out", default=None, help="write the metrics to this JSON file")
     _add_model_arguments(parser)

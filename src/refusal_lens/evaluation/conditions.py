@@ -21,7 +21,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..core.adapters import get_adapter
+from ..core.config_args import at_least, in_range, positive
 from ..core.data import Prompt, sample
 from ..core.errors import UserError
 from ..core.io import atomic_write_json, provenance, staging_dir
@@ -36,7 +37,7 @@ from ..core.models import model_name
 from ..core.prompts import ChatFormatter
 from ..direction.compute import Direction
 from ..direction.interventions import Positions, ablate_direction, add_direction
-from ..direction.orthogonalize import project_out_along, refuse_inexact, refuse_offloaded
+from ..direction.orthogonalize import project_out_along, refuse_inexact, refuse_offloaded, unit_direction
 from ..direction.scoring import detect_refusal_tokens, last_logits
 from .generation import Completion, ContextFactory, GenerationSettings, generate, save_completions
 from .judges import LogitJudge, PrefixJudge, SubstringJudge
@@ -62,25 +63,25 @@ Generator = Callable[..., list[Completion]]
 class EvalSettings:
     """What :func:`evaluate_conditions` measures and how."""
 
-    max_new_tokens: int = 128
+    max_new_tokens: int = field(default=128, metadata=at_least(1))
     """New tokens per reply (>= 128 catches delayed refusals)."""
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata=at_least(1))
     """Prompts per generation / forward pass."""
     seed: int = 0
     """Seed for prompt sampling and (with --do-sample) decoding."""
     do_sample: bool = False
     """Sample instead of greedy decoding."""
-    temperature: float = 1.0
+    temperature: float = field(default=1.0, metadata=positive())
     """Sampling temperature (with --do-sample)."""
-    top_p: float = 1.0
+    top_p: float = field(default=1.0, metadata=in_range(0, 1, lo_open=True))
     """Nucleus mass (with --do-sample)."""
-    n_prompts: int | None = None
+    n_prompts: int | None = field(default=None, metadata=at_least(1))
     """Evaluate a seeded sample of this many prompts per set (default: all)."""
     kl: bool = True
     """Measure KL vs the baseline on the harmless set."""
     ce: bool = True
     """Measure CE loss (plain text, instruction data, own baseline replies)."""
-    n_ce: int = 64
+    n_ce: int = field(default=64, metadata=at_least(1))
     """Texts / instruction pairs used for each CE loss (seeded sample)."""
     primary_judge: str = "substring"
     """The judge whose rate is reported as ``refusal_rate``."""
@@ -117,7 +118,7 @@ class OrthogonalizedWeights:
         adapter = get_adapter(self.model)
         writers = adapter.residual_writers()
         if self._edited is None:
-            unit = self.direction.double() / self.direction.double().norm()
+            unit = unit_direction(self.direction)
             self._edited = [project_out_along(w.param.data, unit, w.axis) for w in writers]
         tied = adapter.tied_embeddings()
         originals = [w.param.data for w in writers]

@@ -13,26 +13,28 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..core.config_args import at_least
 
 
 @dataclass
 class ArtifactRecipe:
     arch: str = "topk"
     """SAE architecture of both shipped SAEs."""
-    width: int = 1024
+    width: int = field(default=1024, metadata=at_least(1))
     """Latents per SAE (8 × the organism's width)."""
-    k: int = 16
+    k: int = field(default=16, metadata=at_least(1))
     """Active latents per token (TopK)."""
-    tokens: int = 1_000_000
+    tokens: int = field(default=1_000_000, metadata=at_least(1))
     """Training tokens per SAE (the same budget for both)."""
-    batch_size: int = 2048
+    batch_size: int = field(default=2048, metadata=at_least(1))
     """Tokens per training step."""
     seed: int = 0
     """Seed of the SAE initialisation and data order."""
-    upstream_offset: int = 2
+    upstream_offset: int = field(default=2, metadata=at_least(0))
     """The upstream-feature SAE (chat data) sits this many layers before the direction's layer."""
 
 
