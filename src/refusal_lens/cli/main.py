@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 import typing
+import warnings
 from collections.abc import Sequence
 
 from ..core.errors import UserError
@@ -66,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
+    return f"refusal-lens: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning  # no file:line and source echo for the user's warnings
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
