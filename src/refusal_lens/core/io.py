@@ -162,6 +162,13 @@ def clean_stale(target: PathLike, keep_newest_stage: bool = False) -> Path | Non
     return kept
 
 
+def stale_stage(target: PathLike) -> Path | None:
+    """The newest staging folder a killed run left for ``target`` (what ``staging_dir(resume=True)`` adopts)."""
+    target = Path(target).expanduser().absolute()
+    dead = [p for p, pid in _leftovers(target, STAGE_TAG) if pid != os.getpid() and not _pid_alive(pid)]
+    return max(dead, key=lambda p: p.stat().st_mtime) if dead else None
+
+
 def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 

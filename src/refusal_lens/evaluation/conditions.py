@@ -40,6 +40,7 @@ from ..direction.interventions import Positions, ablate_direction, add_direction
 from ..direction.orthogonalize import project_out_along, refuse_inexact, refuse_offloaded, unit_direction
 from ..direction.scoring import detect_refusal_tokens, last_logits
 from .generation import Completion, ContextFactory, GenerationSettings, generate, save_completions
+from .journal import CompletionJournal
 from .judges import LogitJudge, PrefixJudge, SubstringJudge
 from .metrics import (
     agreement,
@@ -220,6 +221,7 @@ def evaluate_conditions(
     progress: bool = True,
     return_completions: bool = False,
     generator: Generator | None = None,
+    journal: CompletionJournal | None = None,
 ) -> dict[str, Any] | tuple[dict[str, Any], list[Completion]]:
     """Evaluate every condition on every prompt set; returns the ``results.json`` dict.
 
@@ -265,7 +267,7 @@ def evaluate_conditions(
             if generator is None:
                 comps = generate(
                     model, tokenizer, items, factory, gen, formatter=fmt, intervention=cond, prompt_set=set_name,
-                    progress=progress,
+                    progress=progress, journal=journal,
                 )  # fmt: skip
             else:
                 comps = generator(cond, items, gen, formatter=fmt, prompt_set=set_name, progress=progress)
@@ -384,15 +386,27 @@ def save_evaluation(
     candidate heat maps.
     """
     with staging_dir(out_dir) as stage:
-        atomic_write_json(stage / "results.json", results)
-        save_completions(stage / "completions.jsonl", completions)
-        atomic_write_json(stage / "provenance.json", provenance(**dict(extra_provenance or {})))
-        if direction_dir is not None:
-            src = Path(direction_dir)
-            src = src if src.is_dir() else src.parent
-            for name in ("selection.json", "direction.json"):
-                if (src / name).is_file():
-                    shutil.copyfile(src / name, stage / name)
-        if finalize is not None:  # e.g. report.build_report: runs inside the staging folder, so it is atomic too
-            finalize(stage)
+        write_evaluation(stage, results, completions, extra_provenance, direction_dir, finalize)
     return Path(out_dir)
+
+
+def write_evaluation(
+    stage: Path,
+    results: Mapping[str, Any],
+    completions: Sequence[Completion],
+    extra_provenance: Mapping[str, Any] | None = None,
+    direction_dir: str | os.PathLike | None = None,
+    finalize: Callable[[Path], object] | None = None,
+) -> None:
+    """The files of :func:`save_evaluation`, written into ``stage`` (a folder the caller renames into place)."""
+    atomic_write_json(stage / "results.json", results)
+    save_completions(stage / "completions.jsonl", completions)
+    atomic_write_json(stage / "provenance.json", provenance(**dict(extra_provenance or {})))
+    if direction_dir is not None:
+        src = Path(direction_dir)
+        src = src if src.is_dir() else src.parent
+        for name in ("selection.json", "direction.json"):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, stage / name)
+    if finalize is not None:  # e.g. report.build_report: runs inside the staging folder, so it is atomic too
+        finalize(stage)
