@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from ..core.data import Prompt
 from ..core.errors import UserError
@@ -71,6 +72,15 @@ INPUT_OPTIONS = (
     "model", "direction", "sae", "harmful", "harmless", "harmful_val", "harmless_val", "borderline", "plain_text",
     "instruction_data", "chat_template", "judge_model", "data_file", "cache", "checkpoint", "dir",
 )  # fmt: skip
+
+
+# Options that change no result (where and how output is written, what is printed).
+NOT_RESULT_OPTIONS = {"out", "overwrite", "resume", "quiet", "no_report", "command", "_run"}
+
+
+def result_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Every option of the command that can change its results (for provenance), sorted by name."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RESULT_OPTIONS and not callable(v)}
 
 
 def add_overwrite_argument(p: argparse.ArgumentParser) -> None:

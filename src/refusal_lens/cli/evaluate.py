@@ -38,6 +38,7 @@ from .common import (
     check_out,
     load_model_from_args,
     resolve_prompts,
+    result_options,
 )
 
 INTERVENTIONS = ("ablate", "add", "orthogonalize")
@@ -342,14 +343,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# Options that do not change any result (where and how the output is written, how much is printed).
-_NOT_RESULTS = {"out", "overwrite", "resume", "quiet", "no_report", "command", "_run"}
-
-
 def _result_options(args: argparse.Namespace, fmt: Any) -> dict[str, Any]:
     """Every option that can change the results, plus the chat template's hash and the context limit."""
-    options = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_RESULTS and not callable(v)}
-    return options | {"chat_template_sha256": fmt.template_hash, "max_prompt_tokens": fmt.limit}
+    return result_options(args) | {"chat_template_sha256": fmt.template_hash, "max_prompt_tokens": fmt.limit}
 
 
 def _check_resumable(args: argparse.Namespace, key: str) -> None:

@@ -16,6 +16,7 @@ from .common import (
     chat_template_from_args,
     check_out,
     load_model_from_args,
+    result_options,
 )
 
 
@@ -100,7 +101,16 @@ def run_decompose(args: argparse.Namespace) -> int:
             stage / "decomposition.json",
             {"saes": results, "direction": {"layer": direction.layer, "position": direction.position}},
         )
-        atomic_write_json(stage / "provenance.json", provenance(command="sae decompose", saes=[str(p) for p in paths]))
+        atomic_write_json(
+            stage / "provenance.json",
+            provenance(
+                command="sae decompose",
+                saes=[str(p) for p in paths],
+                system=args.system,
+                chat_template_sha256=fmt.template_hash,
+                options=result_options(args),
+            ),
+        )
         from ..report.lens import decomposition_figure
 
         (stage / "decomposition.png").write_bytes(decomposition_figure(results))

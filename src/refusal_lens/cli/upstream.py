@@ -14,6 +14,7 @@ from .common import (
     chat_template_from_args,
     check_out,
     load_model_from_args,
+    result_options,
 )
 
 
@@ -117,7 +118,15 @@ def run(args: argparse.Namespace) -> int:
     with staging_dir(args.out, args.overwrite, inputs) as stage:
         atomic_write_json(stage / "upstream.json", payload)
         atomic_write_json(
-            stage / "provenance.json", provenance(command="upstream", sae=str(args.sae), direction=str(args.direction))
+            stage / "provenance.json",
+            provenance(
+                command="upstream",
+                sae=str(args.sae),
+                direction=str(args.direction),
+                system=args.system,
+                chat_template_sha256=fmt.template_hash,
+                options=result_options(args),
+            ),
         )
         from ..report.lens import saliency_figure
 

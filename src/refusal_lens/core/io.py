@@ -76,6 +76,24 @@ def atomic_save_safetensors(
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(clean, str(tmp), metadata=dict(metadata) if metadata else None)
+        sort_safetensors_header(tmp)
+
+
+def sort_safetensors_header(path: PathLike) -> None:
+    """Rewrite a safetensors header with sorted keys, in place, so equal tensors give equal bytes.
+
+    safetensors keeps ``__metadata__`` in a hash map whose order changes from process to process. Sorting
+    only reorders the JSON object, so the header keeps its length and the data offsets stay valid.
+    """
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(size)
+        header = json.loads(raw)
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > size:  # a different escaping than the writer's: leave the valid file as it is
+            return
+        fh.seek(8)
+        fh.write(text + b" " * (size - len(text)))  # the format pads headers with spaces
 
 
 def load_safetensors(path: PathLike, what: str = "file") -> dict[str, torch.Tensor]:
@@ -284,6 +302,17 @@ def check_out_file(
     return target
 
 
+def _created() -> str:
+    """Now, or ``SOURCE_DATE_EPOCH`` when set (the reproducible-builds convention: byte-identical reruns)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = (
+        _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc)
+        if epoch and epoch.isdigit()
+        else _dt.datetime.now(_dt.timezone.utc)
+    )
+    return when.isoformat(timespec="seconds")
+
+
 def provenance(**extra: Any) -> dict[str, Any]:
     """Versions, time and host facts to store beside every artifact, plus ``extra``."""
     import transformers
@@ -295,7 +324,7 @@ def provenance(**extra: Any) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "python_version": platform.python_version(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _created(),
     }
     info.update(extra)
     return info

@@ -224,6 +224,8 @@ def compute_direction(
         eoi_text=fmt.eoi_text,
         eoi_tokens=tokenizer.convert_ids_to_tokens(fmt.eoi_ids),
         system_prompt=system,
+        chat_template_sha256=fmt.template_hash,
+        max_prompt_tokens=fmt.limit,
         refusal_token_ids=ids,
         refusal_tokens=tokenizer_tokens,
         data=data_info or {},
