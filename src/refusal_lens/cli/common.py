@@ -70,7 +70,7 @@ def resolve_prompts(args: argparse.Namespace, name: str, organism_split: str) ->
 # Options that name files or folders the command reads: --out may never be one of them, inside or around them.
 INPUT_OPTIONS = (
     "model", "direction", "sae", "harmful", "harmless", "harmful_val", "harmless_val", "borderline", "plain_text",
-    "instruction_data", "chat_template", "judge_model", "data_file", "cache", "checkpoint", "dir",
+    "instruction_data", "chat_template", "judge_model", "data_file", "checkpoint", "dir",
 )  # fmt: skip
 
 

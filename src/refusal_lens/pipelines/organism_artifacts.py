@@ -63,7 +63,7 @@ def build_artifacts(checkpoint: str | os.PathLike, recipe: ArtifactRecipe | None
     )  # fmt: skip
     if found.direction is None:
         raise UserError(f"no direction passed selection on {ckpt}:\n{found.selection.explanation}")
-    with staging_dir(ckpt / "direction") as stage:
+    with staging_dir(ckpt / "direction", overwrite=True, flag="--checkpoint") as stage:
         found.direction.save(stage)
         atomic_write_json(stage / "selection.json", found.selection.to_json())
     layer = found.direction.layer
@@ -78,7 +78,7 @@ def build_artifacts(checkpoint: str | os.PathLike, recipe: ArtifactRecipe | None
         sae_cfg = SAEConfig(arch=cfg.arch, width=cfg.width, k=cfg.k, d_in=source.d_in)
         sae = train_saes({cfg.arch: sae_cfg}, source, train_cfg)[cfg.arch]
         meta = source.describe() | {"model_name": "refusal-lens organism", "training_tokens": cfg.tokens}
-        with staging_dir(ckpt / "saes" / name) as stage:
+        with staging_dir(ckpt / "saes" / name, overwrite=True, flag="--checkpoint") as stage:
             save_saelens(sae, stage, meta)
         summary["saes"][name] = str(ckpt / "saes" / name)
     return summary
