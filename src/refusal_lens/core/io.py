@@ -221,7 +221,20 @@ def check_out_dir(
         raise UserError(
             f"{flag} {out_dir} already holds files; pass --overwrite to replace it, or choose another folder."
         )
+    _check_writable(target, flag)
     return target
+
+
+def _check_writable(target: Path, flag: str) -> None:
+    """Fail now, not after hours of work, if nothing can be created where ``target`` goes."""
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=parent)  # os.access says yes to root
+        os.rmdir(probe)
+    except OSError as exc:
+        raise UserError(f"cannot write {flag} {target} ({exc.strerror}); choose a writable folder.") from None
 
 
 def _writable_parent(target: Path, flag: str) -> None:
@@ -298,7 +311,7 @@ def check_out_file(
                 raise UserError(f"{flag} {out_file} is (inside) the input {inp}; choose another file.")
     if target.exists() and not overwrite:
         raise UserError(f"{flag} {out_file} already exists; pass --overwrite to replace it, or choose another name.")
-    _writable_parent(target, flag)
+    _check_writable(target, flag)
     return target
 
 
