@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 from ..core.data import Prompt
 from ..core.errors import UserError
-from ..core.models import load_model
+from ..core.io import check_out_dir
+from ..core.models import load_model, resolve_model_path
 from ..core.prompts import read_chat_template
 from ..organism import load_prompts
 
@@ -67,3 +70,45 @@ def resolve_prompts(args: argparse.Namespace, name: str, organism_split: str) ->
         kind = name.removesuffix("-val")
         value = f"organism:{kind}:{organism_split}"
     return load_prompts(value, column=args.column)
+
+
+# Options that name files or folders the command reads: --out may never be one of them, inside or around them.
+INPUT_OPTIONS = (
+    "model", "direction", "sae", "harmful", "harmless", "harmful_val", "harmless_val", "borderline", "plain_text",
+    "instruction_data", "chat_template", "judge_model", "data_file", "checkpoint", "dir",
+)  # fmt: skip
+
+
+# Options that change no result (where and how output is written, what is printed).
+NOT_RESULT_OPTIONS = {"out", "overwrite", "resume", "quiet", "no_report", "command", "_run"}
+
+
+def result_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Every option of the command that can change its results (for provenance), sorted by name."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RESULT_OPTIONS and not callable(v)}
+
+
+def add_overwrite_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing non-empty --out (the files in it are deleted)"
+    )
+
+
+def input_paths(args: argparse.Namespace) -> list[str]:
+    """Every local file or folder the command reads (the organism's folder when no --model is given)."""
+    paths: list[str] = []
+    for name in INPUT_OPTIONS:
+        value = getattr(args, name, None)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and not str(item).startswith("organism:") and Path(str(item)).expanduser().exists():
+                paths.append(str(item))
+    if getattr(args, "model", "") is None:
+        paths.append(resolve_model_path(None))
+    return paths
+
+
+def check_out(args: argparse.Namespace) -> list[str]:
+    """Refuse a --out that would lose data, before any work; returns the inputs for ``staging_dir``."""
+    inputs = input_paths(args)
+    check_out_dir(args.out, getattr(args, "overwrite", False), inputs)
+    return inputs

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.errors import UserError
+from ..core.config_args import number
 from ..pipelines.demo import format_summary, run_demo
+from .common import add_overwrite_argument, check_out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-out", help="output folder (results.json, report.html, direction/)")
+    add_overwrite_argument(p)
     p.add_argument("--model", default=None, help="organism checkpoint folder (default: the shipped organism)")
-    p.add_argument("--n-prompts", type=int, default=200, help="prompts evaluated per test set (seeded sample)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per reply")
+    p.add_argument(
+        "--n-prompts", type=number(int, 1), default=200, help="prompts evaluated per test set (seeded sample)"
+    )
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=128, help="tokens generated per reply")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling prompts")
     p.add_argument(
         "--threads",
-        type=int,
+        type=number(int, 1),
         default=1,
         help="torch threads; the organism is tiny, and one thread is fastest, above all beside other busy processes",
     )
@@ -25,10 +29,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    if args.threads < 1:
-        raise UserError(f"--threads {args.threads}: give a positive number of threads.")
+    inputs = check_out(args)
     torch.set_num_threads(args.threads)
-    summary = run_demo(args.out, args.model, args.n_prompts, args.max_new_tokens, args.seed, progress=not args.quiet)
+    summary = run_demo(
+        args.out,
+        args.model,
+        args.n_prompts,
+        args.max_new_tokens,
+        args.seed,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        inputs=inputs,
+    )
     print(format_summary(summary))
     print(
         f"\nwrote {args.out}/results.json, {args.out}/report.html and {args.out}/direction/ "

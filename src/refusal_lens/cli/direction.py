@@ -13,8 +13,10 @@ from ..direction.scoring import parse_refusal_tokens
 from ..direction.selection import SelectionConfig
 from .common import (
     add_model_arguments,
+    add_overwrite_argument,
     add_prompt_arguments,
     chat_template_from_args,
+    check_out,
     load_model_from_args,
     resolve_prompts,
 )
@@ -24,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_prompt_arguments(p)
     p.add_argument("--out", required=True, help="output folder (direction.safetensors, direction.json)")
+    add_overwrite_argument(p)
     p.add_argument(
         "--refusal-tokens",
         default=None,
@@ -40,6 +43,7 @@ def _texts(prompts: list[Prompt] | None) -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    inputs = check_out(args)
     harmful = resolve_prompts(args, "harmful", "train")
     harmless = resolve_prompts(args, "harmless", "train")
     harmful_val = resolve_prompts(args, "harmful-val", "val")
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         data_info=data,
     )
     direction, selection = result.chosen, result.selection
-    with staging_dir(args.out) as stage:
+    with staging_dir(args.out, args.overwrite, inputs) as stage:
         if selection is not None:
             atomic_write_json(stage / "selection.json", selection.to_json())
         if direction is None:

@@ -21,15 +21,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..core.config_args import add_dataclass_arguments, dataclass_from_args
+from ..core.config_args import add_dataclass_arguments, dataclass_from_args, number
 from ..core.errors import UserError
+from ..core.io import staging_dir, stale_stage
 from ..core.models import resolve_model_path
 from ..direction.compute import Direction
 from ..direction.scoring import parse_refusal_tokens
-from ..evaluation.conditions import EvalSettings, evaluate_conditions, save_evaluation, standard_conditions
+from ..evaluation.conditions import EvalSettings, evaluate_conditions, standard_conditions, write_evaluation
+from ..evaluation.journal import CompletionJournal, fingerprint, read_header
 from ..organism import load_prompts
 from ..report import build_report
-from .common import add_model_arguments, chat_template_from_args, load_model_from_args, resolve_prompts
+from .common import (
+    add_model_arguments,
+    add_overwrite_argument,
+    chat_template_from_args,
+    check_out,
+    load_model_from_args,
+    resolve_prompts,
+    result_options,
+)
 
 INTERVENTIONS = ("ablate", "add", "orthogonalize")
 
@@ -54,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="all",
         help="comma-separated: ablate, add, orthogonalize; 'all' (default) or 'none' (baseline only)",
     )
-    g.add_argument("--coeff", type=float, default=1.0, help="activation-addition coefficient c in x + c·r")
+    g.add_argument("--coeff", type=number(float), default=1.0, help="activation-addition coefficient c in x + c·r")
     g.add_argument("--positions", choices=("all", "prompt"), default="all", help="where activation addition applies")
     g = p.add_argument_group("judges")
     g.add_argument("--refusal-tokens", default=None, help="refusal tokens for the logit judge (default: detected)")
@@ -88,6 +98,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(gpu_memory_utilization defaults to 0.5 here, leaving room for the HF model)",
     )
     p.add_argument("--out", required=True, help="output folder (results.json, completions.jsonl, report.html)")
+    add_overwrite_argument(p)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an evaluation of the same --out that was killed (its replies so far are kept beside --out)",
+    )
     p.add_argument("--no-report", action="store_true", help="skip report.html and the figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -243,6 +259,7 @@ def _pairs(args: argparse.Namespace) -> list[tuple[str, str]] | None:
 
 def run(args: argparse.Namespace) -> int:
     # Check every input before loading the model or generating anything.
+    inputs = check_out(args)
     sets = {
         "harmful": resolve_prompts(args, "harmful", "test"),
         "harmless": resolve_prompts(args, "harmless", "test"),
@@ -289,7 +306,18 @@ def run(args: argparse.Namespace) -> int:
     intervention_of = {"addition": "add", "ablation": "ablate"}
     for cond, reason in vllm_skipped.items():
         descriptions[cond] = {"intervention": intervention_of[cond], "skipped": reason}
-    with _generator(args, model, tokenizer, direction, conditions, descriptions, llm_kwargs, settings.seed) as gen:
+    options = _result_options(args, fmt)
+    prompts = {k: [(p.instruction, p.category) for p in v] for k, v in sets.items()}
+    vector = None if direction is None else direction.vector.tolist()
+    key = fingerprint({"options": options, "sets": prompts, "direction": vector})
+    _check_resumable(args, key)
+    with (
+        staging_dir(args.out, args.overwrite, inputs, resume=args.resume, keep_on_interrupt=True) as stage,
+        _generator(args, model, tokenizer, direction, conditions, descriptions, llm_kwargs, settings.seed) as gen,
+    ):
+        journal = CompletionJournal(stage / "completions.jsonl", key, resume=args.resume)
+        if len(journal):
+            print(f"resuming: {len(journal)} batch(es) of replies already made")
         results, completions = evaluate_conditions(
             model,
             tokenizer,
@@ -306,7 +334,36 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             return_completions=True,
             generator=gen,
+            journal=journal,
         )
+        journal.close()
+        _finish(args, stage, results, completions, options)
+    _print_summary(results)
+    print(f"saved {args.out}/results.json, completions.jsonl" + ("" if args.no_report else ", report.html"))
+    return 0
+
+
+def _result_options(args: argparse.Namespace, fmt: Any) -> dict[str, Any]:
+    """Every option that can change the results, plus the chat template's hash and the context limit."""
+    return result_options(args) | {"chat_template_sha256": fmt.template_hash, "max_prompt_tokens": fmt.limit}
+
+
+def _check_resumable(args: argparse.Namespace, key: str) -> None:
+    """Refuse --resume onto replies made with other inputs before the staging folder is touched."""
+    stale = stale_stage(args.out) if args.resume else None
+    if stale is None:
+        if args.resume:
+            print(f"--resume: no killed evaluation of {args.out} found; starting from the beginning")
+        return
+    head = read_header(stale / "completions.jsonl")
+    if head is not None and head.get("fingerprint") != key:
+        raise UserError(
+            f"the killed evaluation of {args.out} ({stale.name}) used other inputs or options; rerun with the same "
+            "options, or without --resume to discard it."
+        )
+
+
+def _finish(args: argparse.Namespace, stage: Path, results: dict, completions: list, options: dict) -> None:
     results["data"] = {
         "harmful": args.harmful or "organism:harmful:test",
         "harmless": args.harmless or "organism:harmless:test",
@@ -315,14 +372,10 @@ def run(args: argparse.Namespace) -> int:
         "instruction_data": args.instruction_data or ("organism:chat_pairs:test" if _organism_data(args) else None),
     }
     extra = {
-        "command": "evaluate", "model": args.model or "organism", "direction": args.direction, "backend": args.backend
+        "command": "evaluate", "model": args.model or "organism", "direction": args.direction, "backend": args.backend,
+        "system": args.system, "options": options,
     }  # fmt: skip
-    save_evaluation(
-        args.out, results, completions, extra, args.direction, finalize=None if args.no_report else build_report
-    )
-    _print_summary(results)
-    print(f"saved {args.out}/results.json, completions.jsonl" + ("" if args.no_report else ", report.html"))
-    return 0
+    write_evaluation(stage, results, completions, extra, args.direction, None if args.no_report else build_report)
 
 
 def _print_summary(results: dict[str, Any]) -> None:

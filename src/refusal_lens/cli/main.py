@@ -10,6 +10,8 @@ import argparse
 import importlib
 import os
 import sys
+import typing
+import warnings
 from collections.abc import Sequence
 
 from ..core.config_args import HelpFormatter
@@ -35,6 +37,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (naming the option) instead of the usage block and the error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported (so ``refusal-lens --help`` imports no torch).
 
@@ -43,7 +52,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="refusal-lens",
         description="Study how chat language models refuse: refusal directions (Arditi et al. 2024), SAEs on "
         "chat vs pretraining data (Kissane et al. 2024) and features upstream of refusal (Lee et al. 2025). "
@@ -77,7 +86,12 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
+    return f"refusal-lens: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning  # no file:line and source echo for the user's warnings
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)

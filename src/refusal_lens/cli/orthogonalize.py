@@ -8,13 +8,14 @@ from pathlib import Path
 from ..core.models import resolve_model_path
 from ..direction.compute import Direction
 from ..direction.orthogonalize import orthogonalize_checkpoint, orthogonalize_model, save_orthogonalized
-from .common import add_model_arguments, load_model_from_args
+from .common import add_model_arguments, add_overwrite_argument, check_out, load_model_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--direction", required=True, help="direction.safetensors (or its folder)")
     p.add_argument("--out", required=True, help="folder for the edited checkpoint")
+    add_overwrite_argument(p)
     p.add_argument(
         "--force",
         action="store_true",
@@ -28,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    inputs = check_out(args)
     src = Path(resolve_model_path(args.model))
     direction = Direction.load(args.direction)
     extra = {"direction": str(args.direction), "layer": direction.layer, "position": direction.position}
@@ -39,12 +41,14 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
             trust_remote_code=args.trust_remote_code,
             extra_provenance=extra,
+            overwrite=args.overwrite,
+            inputs=inputs,
         )
         print(f"streamed {len(summary['shards'])} shard(s), edited {len(summary['edited'])} tensors -> {args.out}")
         return 0
     model, tokenizer = load_model_from_args(args)
     direction.check(model, str(args.direction))
     edited = orthogonalize_model(model, direction.vector, force=args.force)
-    save_orthogonalized(model, tokenizer, args.out, extra)
+    save_orthogonalized(model, tokenizer, args.out, extra, overwrite=args.overwrite, inputs=inputs)
     print(f"edited {len(edited)} tensors in memory -> {args.out}")
     return 0

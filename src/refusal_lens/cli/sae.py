@@ -5,12 +5,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..core.config_args import HelpFormatter
+from ..core.config_args import HelpFormatter, number
 from ..core.errors import UserError
 from ..core.io import atomic_write_json, provenance, staging_dir
 from ..direction.compute import Direction
 from ..organism import load_prompts
-from .common import add_model_arguments, chat_template_from_args, load_model_from_args
+from .common import (
+    add_model_arguments,
+    add_overwrite_argument,
+    chat_template_from_args,
+    check_out,
+    load_model_from_args,
+    result_options,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,9 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--harmful", default=None, help="harmful prompts (default with the organism: 64 of its val+test)")
     d.add_argument("--harmless", default=None, help="harmless prompts (default with the organism: 64 of its test)")
     d.add_argument("--column", default=None, help="column holding the instruction")
-    d.add_argument("-n", "--n-prompts", type=int, default=64, help="prompts of each kind (paper: 64)")
-    d.add_argument("--max-k", type=int, default=512, help="largest number of latents in the sparsity curve")
+    d.add_argument("-n", "--n-prompts", type=number(int, 1), default=64, help="prompts of each kind (paper: 64)")
+    d.add_argument("--max-k", type=number(int, 1), default=512, help="largest number of latents in the sparsity curve")
     d.add_argument("--out", default="sae-decompose", help="folder for decomposition.json and the figure")
+    add_overwrite_argument(d)
     d.set_defaults(_run=run_decompose)
     x = sub.add_parser(
         "export",
@@ -77,6 +85,7 @@ def run_decompose(args: argparse.Namespace) -> int:
     from ..lens.decompose import decompose_direction, latents_for_error
     from ..sae.formats import load_sae
 
+    inputs = check_out(args)
     model, tokenizer = load_model_from_args(args)
     if args.direction is None and args.model is not None:
         raise UserError("--direction is required when --model is given.")
@@ -102,12 +111,21 @@ def run_decompose(args: argparse.Namespace) -> int:
             max_k=args.max_k,
         )
         results.append(dec.to_json() | {"path": str(path)})
-    with staging_dir(args.out) as stage:
+    with staging_dir(args.out, args.overwrite, inputs) as stage:
         atomic_write_json(
             stage / "decomposition.json",
             {"saes": results, "direction": {"layer": direction.layer, "position": direction.position}},
         )
-        atomic_write_json(stage / "provenance.json", provenance(command="sae decompose", saes=[str(p) for p in paths]))
+        atomic_write_json(
+            stage / "provenance.json",
+            provenance(
+                command="sae decompose",
+                saes=[str(p) for p in paths],
+                system=args.system,
+                chat_template_sha256=fmt.template_hash,
+                options=result_options(args),
+            ),
+        )
         from ..report.lens import decomposition_figure
 
         (stage / "decomposition.png").write_bytes(decomposition_figure(results))

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..core.config_args import add_dataclass_arguments, dataclass_from_args
+from ..core.config_args import add_dataclass_arguments, dataclass_from_args, number
 from ..core.errors import UserError
+from ..core.io import check_out_dir, check_out_file
 from ..lens.latents import sae_site
 from ..sae.base import ARCHITECTURES, SAEConfig
 from ..sae.evaluate import EvalConfig
@@ -53,7 +54,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``refusal-lens sae train``."""
-    parser.add_argument("--layer", type=int, required=True, help="decoder layer whose site is read")
+    parser.add_argument("--layer", type=number(int, 0), required=True, help="decoder layer whose site is read")
     parser.add_argument(
         "--site",
         default="resid_pre",
@@ -65,6 +66,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="output folder (SAELens v6 format; checkpoints inside)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.pt")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty --out (files of the same name are replaced)"
+    )
     parser.add_argument(
         "--cache", default=None, help="activation cache folder: written on first use, then replayed (one model pass)"
     )
@@ -79,9 +83,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sae", required=True, help="SAE folder or file (SAELens, sparsify, dictionary_learning, Gemma Scope)"
     )
-    parser.add_argument("--layer", type=int, default=None, help="layer (default: from the SAE's metadata)")
+    parser.add_argument("--layer", type=number(int, 0), default=None, help="layer (default: from the SAE's metadata)")
     parser.add_argument("--site", default=None, help="site (default: from the SAE's metadata)")
     parser.add_argument("--out", default=None, help="write the metrics to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _add_model_arguments(parser)
     _add_fields(parser, EvalConfig, "evaluation")
     _add_fields(parser, DataConfig, "data")
@@ -128,11 +133,14 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
     from ..sae.source import ActivationSource
     from ..sae.streams import CachedStream, write_activation_cache
     from ..sae.trainer import train_saes
+    from .common import input_paths
 
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     for a in archs:
         if a not in ARCHITECTURES:
             raise UserError(f"--arch {a!r} is unknown; choose from {', '.join(ARCHITECTURES)}.")
+    # Training writes checkpoints into --out as it goes (for --resume), so it is checked, not staged.
+    check_out_dir(args.out, args.overwrite or args.resume, input_paths(args))
     model, tokenizer = _load_model(args)
     train_cfg = _build(TrainConfig, args)
     data_cfg = _build(DataConfig, args, buffer_tokens=min(args.buffer_tokens, train_cfg.tokens))
@@ -171,7 +179,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..sae.evaluate import evaluate_sae
     from ..sae.formats import load_sae
     from ..sae.source import ActivationSource
+    from .common import input_paths
 
+    if args.out:
+        check_out_file(args.out, args.overwrite, input_paths(args))
     model, tokenizer = _load_model(args)
     adapter = get_adapter(model)
     sae = load_sae(args.sae, d_model=adapter.d_model)

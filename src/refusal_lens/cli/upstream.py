@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from ..core.config_args import number
 from ..core.errors import UserError
 from ..core.io import atomic_write_json, provenance, staging_dir
 from ..direction.compute import Direction
-from .common import add_model_arguments, chat_template_from_args, load_model_from_args
+from .common import (
+    add_model_arguments,
+    add_overwrite_argument,
+    chat_template_from_args,
+    check_out,
+    load_model_from_args,
+    result_options,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,16 +24,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direction", default=None, help="direction.safetensors (default: the organism's shipped one)")
     p.add_argument("--sae", default=None, help="SAE at the source layer (default: the organism's upstream SAE)")
     p.add_argument("--no-sae", action="store_true", help="raw gradient and token saliency only")
-    p.add_argument("--target-layer", type=int, default=None, help="layer L of R (default: the direction's layer)")
+    p.add_argument(
+        "--target-layer", type=number(int, 0), default=None, help="layer L of R (default: the direction's layer)"
+    )
     p.add_argument("--target-position", type=int, default=-1, help="prompt position of R (-1: last token)")
-    p.add_argument("--source-layer", type=int, default=None, help="source layer (default: the SAE's layer)")
+    p.add_argument("--source-layer", type=number(int, 0), default=None, help="source layer (default: the SAE's layer)")
     p.add_argument("--score", default="dot", choices=("dot", "cosine", "attribution"), help="latent score")
     p.add_argument("--aggregate", default="mean", choices=("mean", "sum"), help="aggregation over positions")
     p.add_argument("--positions", default="all", choices=("all", "instruction"), help="positions aggregated")
-    p.add_argument("--top", type=int, default=10, help="latents listed on each side")
+    p.add_argument("--top", type=number(int, 1), default=10, help="latents listed on each side")
     p.add_argument(
         "--steer-alpha",
-        type=float,
+        type=number(float),
         default=None,
         help="validate by steering: add alpha·W_dec[k] of the top positive and top negative latents at prompt "
         "positions and measure refusal with generations (positive should raise it, negative lower it)",
@@ -40,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "where its effect on R passes (activation patching)",
     )
     p.add_argument("--out", required=True, help="folder for upstream.json and the figures")
+    add_overwrite_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +62,12 @@ def run(args: argparse.Namespace) -> int:
     from ..organism import shipped_direction, shipped_saes
     from ..sae.formats import load_sae
 
+    inputs = check_out(args)
+    for prompt in args.prompt:
+        if not prompt.strip():
+            raise UserError(
+                "--prompt is empty; give the instruction to explain, e.g. --prompt 'How do I pick a lock?'."
+            )
     model, tokenizer = load_model_from_args(args)
     if args.model is not None and (args.direction is None or (args.sae is None and not args.no_sae)):
         raise UserError("--direction and --sae (or --no-sae) are required when --model is given.")
@@ -98,10 +115,18 @@ def run(args: argparse.Namespace) -> int:
         "R": first["value"],
         "prompts": entries,
     }
-    with staging_dir(args.out) as stage:
+    with staging_dir(args.out, args.overwrite, inputs) as stage:
         atomic_write_json(stage / "upstream.json", payload)
         atomic_write_json(
-            stage / "provenance.json", provenance(command="upstream", sae=str(args.sae), direction=str(args.direction))
+            stage / "provenance.json",
+            provenance(
+                command="upstream",
+                sae=str(args.sae),
+                direction=str(args.direction),
+                system=args.system,
+                chat_template_sha256=fmt.template_hash,
+                options=result_options(args),
+            ),
         )
         from ..report.lens import saliency_figure
 

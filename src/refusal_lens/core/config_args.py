@@ -1,5 +1,9 @@
 """Dataclass configs as command-line options: each field's docstring is its ``--help`` text.
 
+Numeric fields carry their allowed range in ``metadata`` (:func:`at_least`, :func:`positive`,
+:func:`fraction`...); the same range checks the option at parse time (:func:`number`) and the built config
+(:func:`validate`). Every float must be finite.
+
 Example:
     >>> add_dataclass_arguments(parser, SelectionConfig)        # doctest: +SKIP
     >>> cfg = dataclass_from_args(SelectionConfig, args)       # doctest: +SKIP
@@ -11,11 +15,94 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import re
 import textwrap
 import typing
+from collections.abc import Callable
 from functools import cache
 from typing import Any
+
+from .errors import UserError
+
+RANGE_KEY = "range"
+
+
+def in_range(lo: float | None = None, hi: float | None = None, lo_open: bool = False, **meta: Any) -> dict[str, Any]:
+    """Field metadata: the value must lie in [lo, hi] (``lo_open``: strictly above ``lo``)."""
+    return {**meta, RANGE_KEY: (lo, hi, lo_open)}
+
+
+def at_least(lo: float, **meta: Any) -> dict[str, Any]:
+    return in_range(lo, None, **meta)
+
+
+def positive(**meta: Any) -> dict[str, Any]:
+    return in_range(0, None, lo_open=True, **meta)
+
+
+def fraction(**meta: Any) -> dict[str, Any]:
+    """A probability or share: in [0, 1]."""
+    return in_range(0, 1, **meta)
+
+
+def describe_range(lo: float | None, hi: float | None, lo_open: bool) -> str:
+    if lo is not None and hi is not None:
+        return f"between {lo} and {hi}" + (f" (above {lo})" if lo_open else "")
+    if lo is not None:
+        return f"above {lo}" if lo_open else f"at least {lo}"
+    return f"at most {hi}" if hi is not None else "a finite number"
+
+
+def range_problem(value: Any, lo: float | None, hi: float | None, lo_open: bool = False) -> str | None:
+    """Why ``value`` is out of range (None if it is fine). Non-finite floats are always refused."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    if (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and value > hi):
+        return "must be " + describe_range(lo, hi, lo_open)
+    return None
+
+
+def number(
+    kind: type = float, lo: float | None = None, hi: float | None = None, lo_open: bool = False
+) -> Callable[[str], Any]:
+    """An argparse ``type=`` that parses ``kind`` and checks its range (floats: finite too)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        problem = range_problem(value, lo, hi, lo_open)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem} (got {text})")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def field_type(f: dataclasses.Field, kind: type) -> Callable[[str], Any] | type:
+    """The argparse ``type=`` of a dataclass field: range-checked numbers, anything else as is."""
+    if kind in (int, float):
+        return number(kind, *f.metadata.get(RANGE_KEY, (None, None, False)))
+    return kind
+
+
+def validate(config: Any) -> Any:
+    """Raise :class:`UserError` if a field of the dataclass ``config`` is out of its range; returns ``config``."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value)
+            continue
+        problem = range_problem(value, *f.metadata.get(RANGE_KEY, (None, None, False)))
+        if problem:
+            flag = "--" + f.name.replace("_", "-")
+            raise UserError(f"{flag} {value} {problem}; fix the option ({type(config).__name__}.{f.name}).")
+    return config
 
 
 @cache
@@ -103,7 +190,8 @@ def add_dataclass_arguments(
             target.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             metavar = flag[2:].upper().replace("-", "_")
-            target.add_argument(flag, dest=dest, type=typ, default=default, help=help_text, metavar=metavar)
+            kind = field_type(f, typ)  # range-checked numbers
+            target.add_argument(flag, dest=dest, type=kind, default=default, help=help_text, metavar=metavar)
 
 
 def dataclass_from_args(
@@ -117,4 +205,4 @@ def dataclass_from_args(
         if hasattr(args, dest):
             values[f.name] = getattr(args, dest)
     values.update(overrides)
-    return cls(**values)
+    return validate(cls(**values))

@@ -16,6 +16,7 @@ import csv
 import json
 import os
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,13 +89,33 @@ def load_prompts(
 
 
 def finish_prompts(prompts: list[Prompt], source: str, n: int | None = None, seed: int = 0) -> list[Prompt]:
-    """Drop blank instructions, refuse an empty set (naming ``source``), and draw ``n`` of them if asked."""
+    """Drop blank instructions, refuse an empty set (naming ``source``), and draw ``n`` of them if asked.
+
+    Instructions longer than :data:`MAX_PROMPT_CHARS` are cut (with one warning), so tokenizing them stays cheap.
+    """
     prompts = [p for p in prompts if p.instruction.strip()]
+    prompts = cap_lengths(prompts, source)
     if not prompts:
         raise UserError(f"prompt file {source} holds no instructions; give a non-empty prompt list.")
     if n is not None and n < len(prompts):
         prompts = sample(prompts, n, seed)
     return prompts
+
+
+MAX_PROMPT_CHARS = 32_768
+"""Characters kept of one instruction. No refusal benchmark comes close; a longer one is almost certainly a
+broken file, and tokenizing millions of characters costs gigabytes before the context limit could cut it."""
+
+
+def cap_lengths(prompts: list[Prompt], source: str, max_chars: int = MAX_PROMPT_CHARS) -> list[Prompt]:
+    """Cut instructions to ``max_chars`` characters, warning once with how many were cut."""
+    long = sum(len(p.instruction) > max_chars for p in prompts)
+    if not long:
+        return prompts
+    warnings.warn(
+        f"{source}: {long} instruction(s) longer than {max_chars} characters were cut to that length.", stacklevel=2
+    )
+    return [Prompt(p.instruction[:max_chars], p.category) if len(p.instruction) > max_chars else p for p in prompts]
 
 
 def sample(items: Sequence[T], n: int, seed: int = 0) -> list[T]:
@@ -117,8 +138,15 @@ def _load_file(path: Path, column: str | None) -> list[Prompt]:
                 raise UserError(f"{path}: expected a JSON list of strings or objects.")
             return _from_records(data, str(path), column)
         if suffix == ".jsonl":
-            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            return _from_records([json.loads(ln) for ln in lines], str(path), column)
+            records = []
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:  # exc.lineno would count within this one line
+                    raise UserError(f"{path}: line {number} is not valid JSON ({exc.msg}); fix that line.") from None
+            return _from_records(records, str(path), column)
         if suffix in (".csv", ".tsv"):
             with path.open(newline="", encoding="utf-8") as fh:
                 rows = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
@@ -133,6 +161,10 @@ def _load_file(path: Path, column: str | None) -> list[Prompt]:
             return [Prompt(ln.strip()) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON ({exc}); fix the file.") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8 or give a JSON/CSV file."
+        ) from None
     raise UserError(f"{path}: unknown prompt file type {suffix!r}; use .json, .jsonl, .csv, .parquet or .txt.")
 
 

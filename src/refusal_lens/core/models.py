@@ -84,6 +84,24 @@ def parse_device_map(value: str | dict | None) -> str | dict | None:
     return parsed
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine does not have (before loading anything)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r} is not a device name; use cpu, cuda, cuda:1, mps...") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {device}: this PyTorch build sees no CUDA GPU; use --device cpu.")
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"--device {device}: only {count} CUDA GPU(s) are visible (cuda:0..cuda:{count - 1}).")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError(f"--device {device}: MPS is not available on this machine; use --device cpu.")
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     *,
@@ -104,6 +122,7 @@ def load_model(
 
     path = resolve_model_path(name_or_path)
     device_map = parse_device_map(device_map)
+    check_device(device)
     if device_map is not None and importlib.util.find_spec("accelerate") is None:
         raise UserError("--device-map needs the accelerate package: pip install accelerate (or use --device).")
     try:
@@ -121,6 +140,9 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     prepare_tokenizer(tokenizer)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and context > 0 and not tokenizer.model_max_length < context:
+        tokenizer.model_max_length = context  # ChatFormatter cuts longer prompts to this (core.prompts)
     return model, tokenizer
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..core.adapters import get_adapter
+from ..core.config_args import at_least
 from ..core.data import sample
 from ..core.errors import UserError
 from ..core.io import atomic_save_safetensors, atomic_write_json, load_safetensors, provenance, read_json
@@ -35,6 +36,7 @@ from .scoring import detect_refusal_tokens, last_logits, refusal_score_from_logi
 from .selection import SelectionConfig, SelectionResult, fallback_without_induce, select_direction
 
 ARTIFACT_VERSION = 1
+MIN_DIRECTION_NORM = 1e-6  # below this a direction is numerically zero (its unit vector is noise or NaN)
 
 
 @dataclass
@@ -78,6 +80,11 @@ class Direction:
             raise UserError(f"direction file {p}: 'direction' has shape {list(vector.shape)}, expected [d_model].")
         if not torch.isfinite(vector).all():
             raise UserError(f"direction file {p} contains NaN/inf values; re-create it.")
+        if float(vector.double().norm()) < MIN_DIRECTION_NORM:
+            raise UserError(
+                f"direction file {p} has norm {float(vector.double().norm()):.3g} (zero or near zero), so it defines "
+                "no direction; re-create it with `refusal-lens direction`."
+            )
         d = cls(vector, int(meta.get("layer", -1)), int(meta.get("position", -1)), tensors.get("candidates"), meta)
         if model is not None:
             d.check(model, str(p))
@@ -132,13 +139,13 @@ class DirectionResult:
 
 @dataclass
 class DirectionConfig:
-    n_train: int = 128
+    n_train: int = field(default=128, metadata=at_least(1))
     """Harmful and harmless training prompts each (paper: 128)."""
-    n_val: int = 32
+    n_val: int = field(default=32, metadata=at_least(1))
     """Harmful and harmless validation prompts each (paper: 32)."""
     filter_data: bool = True
     """Keep only harmful prompts the model refuses and harmless ones it answers (refusal score >0 / <0)."""
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata=at_least(1))
     """Prompts per forward pass."""
     seed: int = 0
     """Seed for sampling prompts."""
@@ -257,6 +264,8 @@ def compute_direction(
         eoi_text=fmt.eoi_text,
         eoi_tokens=tokenizer.convert_ids_to_tokens(fmt.eoi_ids),
         system_prompt=system,
+        chat_template_sha256=fmt.template_hash,
+        max_prompt_tokens=fmt.limit,
         refusal_token_ids=ids,
         refusal_tokens=tokenizer_tokens,
         data=data,

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -28,7 +29,9 @@ from torch import nn
 
 from ..core.adapters import ArchitectureAdapter, get_adapter
 from ..core.errors import UserError
-from ..core.io import atomic_save_safetensors, atomic_write_json, provenance, staging_dir
+from ..core.io import atomic_save_safetensors, atomic_write_json, check_out_dir, provenance, read_json, staging_dir
+
+PathLike = str | os.PathLike
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -49,6 +52,24 @@ def project_out_along(tensor: torch.Tensor, unit: torch.Tensor, axis: int, chunk
         block = rows_in[start : start + chunk_rows].double()
         rows_out[start : start + chunk_rows] = (block - torch.outer(block @ u, u)).to(tensor.dtype)
     return out.movedim(-1, axis).contiguous()
+
+
+MIN_NORM = 1e-6
+
+
+def unit_direction(direction: torch.Tensor, name: str = "direction") -> torch.Tensor:
+    """``direction / ||direction||`` in float64; refuses a zero, near-zero or non-finite direction.
+
+    Dividing by a zero norm would write NaN into every edited weight (and an ablation would be a no-op).
+    """
+    vec = direction.detach().double()
+    norm = float(vec.norm())
+    if not torch.isfinite(vec).all() or norm < MIN_NORM:
+        raise UserError(
+            f"{name} has norm {norm:.3g} (zero, near zero or not finite), so it defines no direction; "
+            "re-create it with `refusal-lens direction`."
+        )
+    return vec / norm
 
 
 def refuse_inexact(adapter: ArchitectureAdapter, force: bool) -> None:
@@ -93,8 +114,8 @@ def orthogonalize_model(model: nn.Module, direction: torch.Tensor, force: bool =
     adapter = get_adapter(model)
     refuse_inexact(adapter, force)
     refuse_offloaded(adapter)
+    unit = unit_direction(direction)
     untie_embeddings(model, adapter)
-    unit = direction.double() / direction.double().norm()
     edited = []
     for writer in adapter.residual_writers():
         writer.param.copy_(project_out_along(writer.param.data, unit, writer.axis))
@@ -132,6 +153,32 @@ def _match(key: str, axes: dict[str, int], prefix: str) -> int | None:
     return None
 
 
+def _shard_keys(path: Path) -> list[str]:
+    """The tensor names of a safetensors shard; a missing, truncated or corrupted one is a UserError."""
+    if not path.is_file():
+        raise UserError(f"checkpoint shard {path} is missing; re-download or re-save the model.")
+    try:
+        with safe_open(path, "pt") as fh:
+            keys = list(fh.keys())
+    except Exception as exc:  # SafetensorError for bad headers, OSError for unreadable files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"checkpoint shard {path} is not a readable safetensors file ({first}); re-download or re-save the model."
+        ) from None
+    return keys
+
+
+def check_shards(src_dir: Path, weight_map: dict[str, str]) -> None:
+    """Read every shard's header (names and data offsets within the file) before anything is written."""
+    for shard in sorted(set(weight_map.values())):
+        keys = set(_shard_keys(src_dir / shard))
+        missing = [k for k, s in weight_map.items() if s == shard and k not in keys]
+        if missing:
+            raise UserError(
+                f"checkpoint shard {src_dir / shard} lacks {missing[0]} listed in its index; re-download the model."
+            )
+
+
 def orthogonalize_checkpoint(
     src: str | os.PathLike,
     direction: torch.Tensor,
@@ -139,21 +186,27 @@ def orthogonalize_checkpoint(
     force: bool = False,
     trust_remote_code: bool = False,
     extra_provenance: dict | None = None,
+    overwrite: bool = False,
+    inputs: Sequence[PathLike] = (),
 ) -> dict:
     """Stream over ``src``'s safetensors shards, orthogonalize residual writers, write a checkpoint to ``out``.
 
     Only one shard is held in memory at a time. Tied embeddings are untied by writing the original
     embedding as ``lm_head.weight`` into an extra shard. Returns a summary (edited tensor names, shards).
+    Every shard's header is read before anything is written; ``out`` may not overlap ``src`` or ``inputs``
+    and replaces a non-empty folder only with ``overwrite``.
     """
     src_dir = Path(src)
+    check_out_dir(out, overwrite, [src_dir, *inputs])
     if not (src_dir / "config.json").is_file():
         raise UserError(f"model folder {src_dir} has no config.json; point --model at a HF model folder.")
     index_path = src_dir / INDEX_NAME
     if index_path.is_file():
-        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+        weight_map: dict[str, str] = read_json(index_path, "checkpoint index").get("weight_map", {})
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"checkpoint index {index_path} has no weight_map; re-save the model.")
     elif (src_dir / WEIGHTS_NAME).is_file():
-        with safe_open(src_dir / WEIGHTS_NAME, "pt") as fh:
-            weight_map = dict.fromkeys(fh.keys(), WEIGHTS_NAME)
+        weight_map = dict.fromkeys(_shard_keys(src_dir / WEIGHTS_NAME), WEIGHTS_NAME)
     else:
         raise UserError(f"model folder {src_dir} has no safetensors weights; convert it with save_pretrained first.")
     axes, adapter, embed_name = _writer_axes(src_dir, trust_remote_code)
@@ -164,11 +217,12 @@ def orthogonalize_checkpoint(
             "use a direction computed on this model."
         )
     prefix = next(iter(axes)).split(".")[0]
-    unit = direction.double() / direction.double().norm()
+    unit = unit_direction(direction)
+    check_shards(src_dir, weight_map)
     config = json.loads((src_dir / "config.json").read_text())
     tied = adapter.tied_embeddings() and not any(k.endswith("lm_head.weight") for k in weight_map)
     edited: list[str] = []
-    with staging_dir(out) as stage:
+    with staging_dir(out, overwrite, [src_dir, *inputs]) as stage:
         for item in src_dir.iterdir():  # tokenizer, generation config, ...
             if item.is_file() and item.suffix != ".safetensors" and item.name not in (INDEX_NAME, "config.json"):
                 shutil.copy2(item, stage / item.name)
@@ -213,10 +267,15 @@ def orthogonalize_checkpoint(
 
 
 def save_orthogonalized(
-    model: nn.Module, tokenizer: object, out: str | os.PathLike, extra_provenance: dict | None = None
+    model: nn.Module,
+    tokenizer: object,
+    out: str | os.PathLike,
+    extra_provenance: dict | None = None,
+    overwrite: bool = False,
+    inputs: Sequence[PathLike] = (),
 ) -> Path:
     """Save an (already orthogonalized) model as a normal HF checkpoint with a provenance file."""
-    with staging_dir(out) as stage:
+    with staging_dir(out, overwrite, inputs) as stage:
         model.save_pretrained(stage, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)

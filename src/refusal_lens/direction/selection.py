@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.config_args import at_least, in_range
 from ..core.progress import progress_bar
 from ..core.prompts import ChatFormatter
 from .scoring import kl_divergence, refusal_score_from_logits
@@ -45,15 +46,15 @@ from .selection_passes import Passes, PromptSet
 
 @dataclass
 class SelectionConfig:
-    kl_threshold: float = 0.1
+    kl_threshold: float = field(default=0.1, metadata=at_least(0))
     """Discard candidates whose ablation moves harmless next-token distributions more than this (KL)."""
-    max_layer_fraction: float = 0.8
+    max_layer_fraction: float = field(default=0.8, metadata=in_range(0, 1, lo_open=True))
     """Discard candidates at layers ≥ int(fraction × n_layers) (directions too close to the unembedding)."""
-    induce_threshold: float = 0.0
+    induce_threshold: float = field(default=0.0, metadata=in_range())
     """Discard candidates whose addition leaves the mean harmless refusal score below this."""
     prune: bool = True
     """Skip scores of candidates already removed by another filter (same choice, faster)."""
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata=at_least(1))
     """Rows per forward pass (prompts × candidates)."""
 
 

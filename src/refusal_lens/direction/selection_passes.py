@@ -55,8 +55,7 @@ class PromptSet:
     def __init__(self, formatter: ChatFormatter, prompts: Sequence[str], device: torch.device):
         if len(prompts) == 0:
             raise UserError("the prompt list is empty; give at least one instruction.")
-        tok = formatter.tokenizer
-        self.ids: list[list[int]] = tok([formatter.format(p) for p in prompts], add_special_tokens=False)["input_ids"]
+        self.ids: list[list[int]] = [formatter.token_ids(p) for p in prompts]  # the ids encode() gives them
         self.order = sorted(range(len(self.ids)), key=lambda i: len(self.ids[i]))
         self.device = device
         # the length of the token prefix every prompt shares (at least one token of each prompt left over)

@@ -21,7 +21,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..core.adapters import get_adapter
+from ..core.config_args import at_least, in_range, positive
 from ..core.data import Prompt, sample
 from ..core.errors import UserError
 from ..core.io import atomic_write_json, provenance, staging_dir
@@ -36,9 +37,10 @@ from ..core.models import model_name
 from ..core.prompts import ChatFormatter
 from ..direction.compute import Direction
 from ..direction.interventions import Positions, ablate_direction, add_direction
-from ..direction.orthogonalize import project_out_along, refuse_inexact, refuse_offloaded
+from ..direction.orthogonalize import project_out_along, refuse_inexact, refuse_offloaded, unit_direction
 from ..direction.scoring import detect_refusal_tokens, last_logits
 from .generation import Completion, ContextFactory, GenerationSettings, generate, save_completions
+from .journal import CompletionJournal
 from .judges import LogitJudge, PrefixJudge, SubstringJudge
 from .metrics import (
     agreement,
@@ -62,25 +64,25 @@ Generator = Callable[..., list[Completion]]
 class EvalSettings:
     """What :func:`evaluate_conditions` measures and how."""
 
-    max_new_tokens: int = 128
+    max_new_tokens: int = field(default=128, metadata=at_least(1))
     """New tokens per reply (>= 128 catches delayed refusals)."""
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata=at_least(1))
     """Prompts per generation / forward pass."""
     seed: int = 0
     """Seed for prompt sampling and (with --do-sample) decoding."""
     do_sample: bool = False
     """Sample instead of greedy decoding."""
-    temperature: float = 1.0
+    temperature: float = field(default=1.0, metadata=positive())
     """Sampling temperature (with --do-sample)."""
-    top_p: float = 1.0
+    top_p: float = field(default=1.0, metadata=in_range(0, 1, lo_open=True))
     """Nucleus mass (with --do-sample)."""
-    n_prompts: int | None = None
+    n_prompts: int | None = field(default=None, metadata=at_least(1))
     """Evaluate a seeded sample of this many prompts per set (default: all)."""
     kl: bool = True
     """Measure KL vs the baseline on the harmless set."""
     ce: bool = True
     """Measure CE loss (plain text, instruction data, own baseline replies)."""
-    n_ce: int = 64
+    n_ce: int = field(default=64, metadata=at_least(1))
     """Texts / instruction pairs used for each CE loss (seeded sample)."""
     primary_judge: str = "substring"
     """The judge whose rate is reported as ``refusal_rate``."""
@@ -117,7 +119,7 @@ class OrthogonalizedWeights:
         adapter = get_adapter(self.model)
         writers = adapter.residual_writers()
         if self._edited is None:
-            unit = self.direction.double() / self.direction.double().norm()
+            unit = unit_direction(self.direction)
             self._edited = [project_out_along(w.param.data, unit, w.axis) for w in writers]
         tied = adapter.tied_embeddings()
         originals = [w.param.data for w in writers]
@@ -219,6 +221,7 @@ def evaluate_conditions(
     progress: bool = True,
     return_completions: bool = False,
     generator: Generator | None = None,
+    journal: CompletionJournal | None = None,
 ) -> dict[str, Any] | tuple[dict[str, Any], list[Completion]]:
     """Evaluate every condition on every prompt set; returns the ``results.json`` dict.
 
@@ -264,7 +267,7 @@ def evaluate_conditions(
             if generator is None:
                 comps = generate(
                     model, tokenizer, items, factory, gen, formatter=fmt, intervention=cond, prompt_set=set_name,
-                    progress=progress,
+                    progress=progress, journal=journal,
                 )  # fmt: skip
             else:
                 comps = generator(cond, items, gen, formatter=fmt, prompt_set=set_name, progress=progress)
@@ -383,15 +386,27 @@ def save_evaluation(
     candidate heat maps.
     """
     with staging_dir(out_dir) as stage:
-        atomic_write_json(stage / "results.json", results)
-        save_completions(stage / "completions.jsonl", completions)
-        atomic_write_json(stage / "provenance.json", provenance(**dict(extra_provenance or {})))
-        if direction_dir is not None:
-            src = Path(direction_dir)
-            src = src if src.is_dir() else src.parent
-            for name in ("selection.json", "direction.json"):
-                if (src / name).is_file():
-                    shutil.copyfile(src / name, stage / name)
-        if finalize is not None:  # e.g. report.build_report: runs inside the staging folder, so it is atomic too
-            finalize(stage)
+        write_evaluation(stage, results, completions, extra_provenance, direction_dir, finalize)
     return Path(out_dir)
+
+
+def write_evaluation(
+    stage: Path,
+    results: Mapping[str, Any],
+    completions: Sequence[Completion],
+    extra_provenance: Mapping[str, Any] | None = None,
+    direction_dir: str | os.PathLike | None = None,
+    finalize: Callable[[Path], object] | None = None,
+) -> None:
+    """The files of :func:`save_evaluation`, written into ``stage`` (a folder the caller renames into place)."""
+    atomic_write_json(stage / "results.json", results)
+    save_completions(stage / "completions.jsonl", completions)
+    atomic_write_json(stage / "provenance.json", provenance(**dict(extra_provenance or {})))
+    if direction_dir is not None:
+        src = Path(direction_dir)
+        src = src if src.is_dir() else src.parent
+        for name in ("selection.json", "direction.json"):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, stage / name)
+    if finalize is not None:  # e.g. report.build_report: runs inside the staging folder, so it is atomic too
+        finalize(stage)

@@ -35,6 +35,7 @@ from ..core.io import atomic_write_text
 from ..core.models import input_device
 from ..core.progress import progress_bar
 from ..core.prompts import ChatFormatter
+from .journal import CompletionJournal
 
 ContextFactory = Callable[[], AbstractContextManager]
 
@@ -134,8 +135,12 @@ def generate(
     intervention: str = "none",
     prompt_set: str | None = None,
     progress: bool = True,
+    journal: CompletionJournal | None = None,
 ) -> list[Completion]:
     """Generate one reply per prompt inside ``context()`` (a fresh context per batch).
+
+    With a ``journal`` every finished batch is appended to it, and batches it already holds are replayed
+    instead of generated (a resumed evaluation; the same batches and seeds give the same replies).
 
     Example:
         >>> out = generate(model, tok, ["Tell me a joke"], lambda: ablate_direction(model, r))  # doctest: +SKIP
@@ -160,6 +165,10 @@ def generate(
     desc = f"generate {intervention}" + (f"/{prompt_set}" if prompt_set else "")
     for b, start in enumerate(progress_bar(starts, desc=desc, disable=not progress, leave=False)):
         chunk = items[start : start + settings.batch_size]
+        done = journal.get(intervention, prompt_set, b, len(chunk)) if journal is not None else None
+        if done is not None:
+            out.extend(Completion(**row) for row in done)
+            continue
         batch = fmt.encode([p.instruction for p in chunk], device)
         # generate() derives position ids from the attention mask itself; passing ours would break caching.
         inputs = {k: v for k, v in batch.items() if k != "position_ids"}
@@ -175,9 +184,13 @@ def generate(
                     **sampling,
                 )
         new = gen[:, inputs["input_ids"].shape[1] :].tolist()
+        made = []
         for p, row in zip(chunk, new):
             ids, finished = cut_at_stop(row, set(stops))
-            out.append(completion_record(p, ids, finished, stops, tokenizer, settings, intervention, prompt_set))
+            made.append(completion_record(p, ids, finished, stops, tokenizer, settings, intervention, prompt_set))
+        if journal is not None:
+            journal.add(intervention, prompt_set, b, [asdict(c) for c in made])
+        out.extend(made)
     return out
 
 

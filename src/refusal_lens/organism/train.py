@@ -12,10 +12,11 @@ weights.
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -279,7 +280,13 @@ def measure_behaviour(model, tok, corpus: Corpus, max_new_tokens: int = 64) -> d
 
 
 def train_organism(
-    out: Path, seed: int = 0, steps: int | None = None, quiet: bool = False, measure: bool = True
+    out: Path,
+    seed: int = 0,
+    steps: int | None = None,
+    quiet: bool = False,
+    measure: bool = True,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> dict[str, Any]:
     """Train an organism and save it as a Hugging Face model folder at ``out`` (written atomically).
 
@@ -311,7 +318,7 @@ def train_organism(
         do_sample=False,
         max_new_tokens=128,
     )
-    with staging_dir(out) as stage:
+    with staging_dir(out, overwrite, inputs) as stage:
         model.save_pretrained(stage, safe_serialization=True)
         tok.save_pretrained(stage)
         atomic_write_json(stage / "organism.json", info)

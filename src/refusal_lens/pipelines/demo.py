@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 
 from ..core.data import Prompt
 from ..core.errors import UserError
-from ..core.io import atomic_write_json, staging_dir
+from ..core.io import atomic_write_json, check_out_dir, staging_dir
 from ..core.models import load_model
 from ..direction.compute import DirectionConfig, compute_direction
 from ..direction.interventions import ablate_direction, add_direction
@@ -49,8 +50,14 @@ def run_demo(
     max_new_tokens: int = 128,
     seed: int = 0,
     progress: bool = True,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> dict[str, Any]:
-    """Run the demo into ``out``; returns a short summary (also printed by the CLI)."""
+    """Run the demo into ``out``; returns a short summary (also printed by the CLI).
+
+    A non-empty ``out`` is replaced only with ``overwrite``; ``out`` may not overlap ``inputs``.
+    """
+    check_out_dir(out, overwrite, inputs)
     start = time.perf_counter()
     from ..organism import chat_pairs, corpus_seed, plain_text
 
@@ -130,7 +137,7 @@ def run_demo(
         "kept": sum(s.kept for s in found.selection.scores) if found.selection else None,
         "n_candidates": len(found.selection.scores) if found.selection else None,
     }
-    with tempfile.TemporaryDirectory() as tmp, staging_dir(out) as stage:
+    with tempfile.TemporaryDirectory() as tmp, staging_dir(out, overwrite, inputs) as stage:
         direction.save(tmp)
         if found.selection is not None:
             atomic_write_json(Path(tmp) / "selection.json", found.selection.to_json())

@@ -13,26 +13,28 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..core.config_args import at_least
 
 
 @dataclass
 class ArtifactRecipe:
     arch: str = "topk"
     """SAE architecture of both shipped SAEs."""
-    width: int = 1024
+    width: int = field(default=1024, metadata=at_least(1))
     """Latents per SAE (8 × the organism's width)."""
-    k: int = 16
+    k: int = field(default=16, metadata=at_least(1))
     """Active latents per token (TopK)."""
-    tokens: int = 1_000_000
+    tokens: int = field(default=1_000_000, metadata=at_least(1))
     """Training tokens per SAE (the same budget for both)."""
-    batch_size: int = 2048
+    batch_size: int = field(default=2048, metadata=at_least(1))
     """Tokens per training step."""
     seed: int = 0
     """Seed of the SAE initialisation and data order."""
-    upstream_offset: int = 2
+    upstream_offset: int = field(default=2, metadata=at_least(0))
     """The upstream-feature SAE (chat data) sits this many layers before the direction's layer."""
 
 
@@ -61,7 +63,7 @@ def build_artifacts(checkpoint: str | os.PathLike, recipe: ArtifactRecipe | None
     )  # fmt: skip
     if not found.found:
         raise UserError(f"no direction passed selection on {ckpt}:\n{found.selection.explanation}")
-    with staging_dir(ckpt / "direction") as stage:
+    with staging_dir(ckpt / "direction", overwrite=True, flag="--checkpoint") as stage:
         found.direction.save(stage)
         atomic_write_json(stage / "selection.json", found.selection.to_json())
     layer = found.direction.layer
@@ -76,7 +78,7 @@ def build_artifacts(checkpoint: str | os.PathLike, recipe: ArtifactRecipe | None
         sae_cfg = SAEConfig(arch=cfg.arch, width=cfg.width, k=cfg.k, d_in=source.d_in)
         sae = train_saes({cfg.arch: sae_cfg}, source, train_cfg)[cfg.arch]
         meta = source.describe() | {"model_name": "refusal-lens organism", "training_tokens": cfg.tokens}
-        with staging_dir(ckpt / "saes" / name) as stage:
+        with staging_dir(ckpt / "saes" / name, overwrite=True, flag="--checkpoint") as stage:
             save_saelens(sae, stage, meta)
         summary["saes"][name] = str(ckpt / "saes" / name)
     return summary

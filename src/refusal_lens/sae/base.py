@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..core.config_args import at_least, fraction, positive
 from ..core.errors import UserError
 
 ARCHITECTURES = ("standard", "april", "gated", "topk", "batchtopk", "jumprelu")
@@ -35,27 +36,37 @@ class SAEConfig:
         },
     )
     d_in: int = field(default=0, metadata={"help": "input width (the model's d_model; filled in automatically)"})
-    width: int = field(default=4096, metadata={"help": "number of latents d_sae"})
-    k: int = field(default=32, metadata={"help": "active latents per token (topk, batchtopk)"})
+    width: int = field(default=4096, metadata={**at_least(1), "help": "number of latents d_sae"})
+    k: int = field(default=32, metadata={**at_least(1), "help": "active latents per token (topk, batchtopk)"})
     sparsity_coeff: float | None = field(
         default=None,
         metadata={
-            "help": "lambda of the sparsity penalty (L1 / weighted L1 / gate L1 / L0); default depends on --arch"
+            **at_least(0),
+            "help": "lambda of the sparsity penalty (L1 / weighted L1 / gate L1 / L0); default depends on --arch",
         },
     )
-    aux_coeff: float = field(default=1 / 32, metadata={"help": "weight of the AuxK loss (topk, batchtopk)"})
-    k_aux: int | None = field(default=None, metadata={"help": "dead latents used by AuxK (default d_in/2)"})
+    aux_coeff: float = field(
+        default=1 / 32, metadata={**at_least(0), "help": "weight of the AuxK loss (topk, batchtopk)"}
+    )
+    k_aux: int | None = field(
+        default=None, metadata={**at_least(1), "help": "dead latents used by AuxK (default d_in/2)"}
+    )
     dead_tokens: int = field(
         default=1_000_000,
-        metadata={"help": "a latent that has not fired for this many training tokens counts as dead"},
+        metadata={**at_least(1), "help": "a latent that has not fired for this many training tokens counts as dead"},
     )
-    bandwidth: float = field(default=1e-3, metadata={"help": "JumpReLU straight-through kernel bandwidth"})
+    bandwidth: float = field(
+        default=1e-3, metadata={**positive(), "help": "JumpReLU straight-through kernel bandwidth"}
+    )
     init_threshold: float | None = field(
         default=None,
-        metadata={"help": "initial JumpReLU threshold (default: where ~5% of latents fire at initialisation)"},
+        metadata={
+            **at_least(0),
+            "help": "initial JumpReLU threshold (default: where ~5% of latents fire at initialisation)",
+        },
     )
     threshold_momentum: float = field(
-        default=0.99, metadata={"help": "EMA momentum of the BatchTopK inference threshold"}
+        default=0.99, metadata={**fraction(), "help": "EMA momentum of the BatchTopK inference threshold"}
     )
     apply_b_dec_to_input: bool | None = field(
         default=None, metadata={"help": "subtract b_dec before encoding (default: all but april)"}

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..core.config_args import at_least, fraction
 from .base import SAE
 from .source import ActivationSource, drop_outliers, tokenize_docs
 from .streams import Stream
@@ -31,10 +32,12 @@ from .streams import Stream
 class EvalConfig:
     """What to evaluate on (fields double as CLI help)."""
 
-    tokens: int = field(default=65_536, metadata={"help": "activations for the reconstruction metrics"})
-    batch_size: int = field(default=4096, metadata={"help": "activations per evaluation batch"})
-    ce_docs: int = field(default=64, metadata={"help": "documents for the LM-loss metrics (0: skip)"})
-    dense_threshold: float = field(default=0.1, metadata={"help": "firing rate above which a latent is dense"})
+    tokens: int = field(default=65_536, metadata={**at_least(1), "help": "activations for the reconstruction metrics"})
+    batch_size: int = field(default=4096, metadata={**at_least(1), "help": "activations per evaluation batch"})
+    ce_docs: int = field(default=64, metadata={**at_least(0), "help": "documents for the LM-loss metrics (0: skip)"})
+    dense_threshold: float = field(
+        default=0.1, metadata={**fraction(), "help": "firing rate above which a latent is dense"}
+    )
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.config_args import at_least
 from ..core.errors import UserError
 
 Chat = list[dict[str, str]]
@@ -43,10 +44,12 @@ class DataConfig:
             "(default: the built-in organism corpus)"
         },
     )
-    context_size: int = field(default=128, metadata={"help": "tokens per document (longer ones are cut)"})
-    model_batch_size: int = field(default=16, metadata={"help": "documents per model forward pass"})
+    context_size: int = field(
+        default=128, metadata={**at_least(2), "help": "tokens per document (longer ones are cut)"}
+    )
+    model_batch_size: int = field(default=16, metadata={**at_least(1), "help": "documents per model forward pass"})
     buffer_tokens: int = field(
-        default=65_536, metadata={"help": "tokens collected and shuffled together before batching"}
+        default=65_536, metadata={**at_least(1), "help": "tokens collected and shuffled together before batching"}
     )
     exclude_special: bool = field(
         default=False, metadata={"help": "drop special tokens such as <|im_start|> (BOS and padding always are)"}
@@ -60,7 +63,10 @@ class DataConfig:
     )
     outlier_factor: float = field(
         default=10.0,
-        metadata={"help": "drop tokens whose norm exceeds this multiple of the batch median (0: keep all)"},
+        metadata={
+            **at_least(0),
+            "help": "drop tokens whose norm exceeds this multiple of the batch median (0: keep all)",
+        },
     )
     system_prompt: str | None = field(
         default=None, metadata={"help": "system prompt placed before each chat document", "flag": "system"}

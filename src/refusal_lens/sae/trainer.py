@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..core.config_args import at_least, fraction, in_range, positive
 from ..core.errors import UserError
 from ..core.progress import progress_bar
 from .base import SAE, SAEConfig, reconstruction_loss
@@ -42,28 +43,40 @@ from .streams import RankSlice, Stream
 class TrainConfig:
     """Optimisation settings (fields double as CLI help)."""
 
-    tokens: int = field(default=2_000_000, metadata={"help": "training tokens"})
-    batch_size: int = field(default=4096, metadata={"help": "tokens per step (global, over all processes)"})
+    tokens: int = field(default=2_000_000, metadata={**at_least(1), "help": "training tokens"})
+    batch_size: int = field(
+        default=4096, metadata={**at_least(1), "help": "tokens per step (global, over all processes)"}
+    )
     lr: float | None = field(
         default=None,
-        metadata={"help": "Adam learning rate (default: 2e-4/sqrt(width/2^14) for topk/batchtopk, else 4e-4)"},
+        metadata={
+            **positive(),
+            "help": "Adam learning rate (default: 2e-4/sqrt(width/2^14) for topk/batchtopk, else 4e-4)",
+        },
     )
-    lr_warmup_frac: float = field(default=0.01, metadata={"help": "fraction of steps of linear lr warm-up"})
-    lr_decay_frac: float = field(default=0.2, metadata={"help": "fraction of final steps of linear lr decay to 0"})
+    lr_warmup_frac: float = field(
+        default=0.01, metadata={**fraction(), "help": "fraction of steps of linear lr warm-up"}
+    )
+    lr_decay_frac: float = field(
+        default=0.2, metadata={**fraction(), "help": "fraction of final steps of linear lr decay to 0"}
+    )
     penalty_warmup_frac: float = field(
-        default=0.05, metadata={"help": "fraction of steps over which the sparsity penalty ramps up from 0"}
+        default=0.05,
+        metadata={**fraction(), "help": "fraction of steps over which the sparsity penalty ramps up from 0"},
     )
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0: off)"})
-    beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
-    beta2: float = field(default=0.999, metadata={"help": "Adam beta2"})
+    grad_clip: float = field(default=1.0, metadata={**at_least(0), "help": "gradient norm clip (0: off)"})
+    beta1: float = field(default=0.9, metadata={**in_range(0, 1), "help": "Adam beta1"})
+    beta2: float = field(default=0.999, metadata={**in_range(0, 1), "help": "Adam beta2"})
     normalize_inputs: bool = field(default=True, metadata={"help": "train on inputs scaled to E||x|| = sqrt(d)"})
-    norm_batches: int = field(default=8, metadata={"help": "batches used to estimate the input scale"})
+    norm_batches: int = field(default=8, metadata={**at_least(1), "help": "batches used to estimate the input scale"})
     resample_every: int = field(
         default=0,
-        metadata={"help": "standard SAE: steps between dead-latent resamplings (0: dead_tokens/batch)"},
+        metadata={**at_least(0), "help": "standard SAE: steps between dead-latent resamplings (0: dead_tokens/batch)"},
     )
-    checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: never)"})
-    log_every: int = field(default=50, metadata={"help": "steps between log lines / progress-bar updates"})
+    checkpoint_every: int = field(default=0, metadata={**at_least(0), "help": "steps between checkpoints (0: never)"})
+    log_every: int = field(
+        default=50, metadata={**at_least(1), "help": "steps between log lines / progress-bar updates"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the SAE initialisation and resampling"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
