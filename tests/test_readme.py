@@ -89,6 +89,7 @@ def test_excused_commands_have_options_their_command_accepts(block, tmp_path):
         assert done.returncode == 0, f"README.md:{block.line}: `refusal-lens {' '.join(argv)}`\n{done.stderr}"
 
 
+@pytest.mark.slow  # ~3 CPU-minutes; .ci/run runs it on every submission (pytest -m slow tests/test_readme.py)
 def test_runnable_commands_run_as_written(tmp_path):
     """The README's runnable commands, in order, each through the console script (several minutes in all)."""
     if not SHARED.is_dir():
