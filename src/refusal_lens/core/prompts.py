@@ -90,7 +90,10 @@ class ChatFormatter:
         if self.limit is None or len(instruction) < self.limit - self._overhead:  # fewer chars than tokens left
             return instruction
         room = self.limit - self._overhead
-        own = self._ids(instruction, as_text=True)
+        # one token more than fits tells us it is too long; truncating here also keeps long texts cheap
+        own = self.tokenizer(
+            instruction, add_special_tokens=False, split_special_tokens=True, truncation=True, max_length=room + 1
+        )["input_ids"]
         if len(own) <= room:
             return instruction
         self._cut.add(instruction)
