@@ -104,8 +104,8 @@ class ChatFormatter:
         cut, neutralised = len(self._cut) - before[0], len(self._neutralised) - before[1]
         if cut:
             warnings.warn(
-                f"{cut} prompt(s) are longer than the model's context ({self.limit} tokens with the template) "
-                "and were cut to fit; pass shorter prompts to avoid this.",
+                f"{cut} prompt(s) are longer than {self.limit} tokens with the template (the model's context or "
+                "--max-prompt-tokens) and were cut to fit; pass shorter prompts to avoid this.",
                 stacklevel=3,
             )
         if neutralised:
