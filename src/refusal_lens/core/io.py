@@ -220,9 +220,12 @@ def check_out_dir(
                 f"{flag} {out_dir} overlaps the input {inp} (equal, inside or containing it); "
                 "choose an output folder outside your inputs."
             )
-    busy = [pid for _, pid in _leftovers(target, STAGE_TAG) if pid != os.getpid() and _pid_alive(pid)]
+    busy = [(p, pid) for p, pid in _leftovers(target, STAGE_TAG) if pid != os.getpid() and _pid_alive(pid)]
     if busy:
-        raise UserError(f"{flag} {out_dir} is being written by another run (pid {busy[0]}); wait or choose another.")
+        raise UserError(
+            f"{flag} {out_dir} is being written by another run (pid {busy[0][1]}, into {busy[0][0].name}); wait "
+            "for it, or delete that folder if no refusal-lens run is active."
+        )
     if target.is_dir() and not overwrite and any(target.iterdir()):
         raise UserError(
             f"{flag} {out_dir} already holds files; pass --overwrite to replace it, or choose another folder."
