@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..core.config_args import number
 from ..core.data import Prompt
 from ..core.errors import UserError
 from ..core.io import check_out_dir
@@ -33,16 +34,26 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
     g.add_argument("--system", default=None, help="system prompt placed before each instruction")
     g.add_argument("--chat-template", default=None, help="Jinja chat template file, for tokenizers without one")
+    g.add_argument(
+        "--max-prompt-tokens",
+        type=number(int, 1),
+        default=None,
+        help="cut formatted prompts to this many tokens, with a warning (default: the model's context length)",
+    )
 
 
 def load_model_from_args(args: argparse.Namespace) -> tuple[object, object]:
-    return load_model(
+    model, tokenizer = load_model(
         args.model,
         dtype=args.dtype,
         device=args.device,
         device_map=args.device_map,
         trust_remote_code=args.trust_remote_code,
     )
+    limit = getattr(args, "max_prompt_tokens", None)
+    if limit is not None:  # ChatFormatter cuts prompts to the tokenizer's model_max_length (core.prompts)
+        tokenizer.model_max_length = min(limit, tokenizer.model_max_length)
+    return model, tokenizer
 
 
 def chat_template_from_args(args: argparse.Namespace) -> str | None:

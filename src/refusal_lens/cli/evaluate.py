@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -350,7 +351,14 @@ def _result_options(args: argparse.Namespace, fmt: Any) -> dict[str, Any]:
 
 def _check_resumable(args: argparse.Namespace, key: str) -> None:
     """Refuse --resume onto replies made with other inputs before the staging folder is touched."""
-    stale = stale_stage(args.out) if args.resume else None
+    stale = stale_stage(args.out)
+    if stale is not None and not args.resume:
+        warnings.warn(
+            f"discarding the replies of a killed evaluation of {args.out} ({stale.name}); pass --resume to continue "
+            "it instead",
+            stacklevel=2,
+        )
+        return
     if stale is None:
         if args.resume:
             print(f"--resume: no killed evaluation of {args.out} found; starting from the beginning")

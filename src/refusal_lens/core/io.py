@@ -155,6 +155,16 @@ def _rmtree(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _restore_stranded(target: Path) -> None:
+    """Put back a user's folder that a killed run had moved aside (``.old-<pid>``) but not yet replaced."""
+    for old, pid in _leftovers(target, OLD_TAG):
+        if pid != os.getpid() and not _pid_alive(pid):
+            if not target.exists():
+                os.replace(old, target)
+            else:
+                _rmtree(old)
+
+
 def clean_stale(target: PathLike, keep_newest_stage: bool = False) -> Path | None:
     """Remove what a killed run left beside ``target``; returns a stale staging folder kept for resuming.
 
@@ -164,12 +174,7 @@ def clean_stale(target: PathLike, keep_newest_stage: bool = False) -> Path | Non
     staging folder is kept (and returned) so the caller can adopt it.
     """
     target = Path(target).absolute()
-    for old, pid in _leftovers(target, OLD_TAG):
-        if pid != os.getpid() and not _pid_alive(pid):
-            if not target.exists():
-                os.replace(old, target)
-            else:
-                _rmtree(old)
+    _restore_stranded(target)
     stale = sorted(
         ((p, pid) for p, pid in _leftovers(target, STAGE_TAG) if pid != os.getpid() and not _pid_alive(pid)),
         key=lambda item: item[0].stat().st_mtime,
@@ -200,6 +205,7 @@ def check_out_dir(
     a folder equal to, inside or containing any of ``inputs`` (model, direction, SAE, prompt files...).
     """
     target = Path(out_dir).expanduser().absolute()
+    _restore_stranded(target)
     real = target.resolve()
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise UserError(f"{flag} {out_dir} is an existing file, not a folder; choose a new folder name.")
@@ -214,9 +220,12 @@ def check_out_dir(
                 f"{flag} {out_dir} overlaps the input {inp} (equal, inside or containing it); "
                 "choose an output folder outside your inputs."
             )
-    busy = [pid for _, pid in _leftovers(target, STAGE_TAG) if pid != os.getpid() and _pid_alive(pid)]
+    busy = [(p, pid) for p, pid in _leftovers(target, STAGE_TAG) if pid != os.getpid() and _pid_alive(pid)]
     if busy:
-        raise UserError(f"{flag} {out_dir} is being written by another run (pid {busy[0]}); wait or choose another.")
+        raise UserError(
+            f"{flag} {out_dir} is being written by another run (pid {busy[0][1]}, into {busy[0][0].name}); wait "
+            "for it, or delete that folder if no refusal-lens run is active."
+        )
     if target.is_dir() and not overwrite and any(target.iterdir()):
         raise UserError(
             f"{flag} {out_dir} already holds files; pass --overwrite to replace it, or choose another folder."

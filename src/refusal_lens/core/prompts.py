@@ -90,7 +90,10 @@ class ChatFormatter:
         if self.limit is None or len(instruction) < self.limit - self._overhead:  # fewer chars than tokens left
             return instruction
         room = self.limit - self._overhead
-        own = self._ids(instruction, as_text=True)
+        # one token more than fits tells us it is too long; truncating here also keeps long texts cheap
+        own = self.tokenizer(
+            instruction, add_special_tokens=False, split_special_tokens=True, truncation=True, max_length=room + 1
+        )["input_ids"]
         if len(own) <= room:
             return instruction
         self._cut.add(instruction)
@@ -101,8 +104,8 @@ class ChatFormatter:
         cut, neutralised = len(self._cut) - before[0], len(self._neutralised) - before[1]
         if cut:
             warnings.warn(
-                f"{cut} prompt(s) are longer than the model's context ({self.limit} tokens with the template) "
-                "and were cut to fit; pass shorter prompts to avoid this.",
+                f"{cut} prompt(s) are longer than {self.limit} tokens with the template (the model's context or "
+                "--max-prompt-tokens) and were cut to fit; pass shorter prompts to avoid this.",
                 stacklevel=3,
             )
         if neutralised:
