@@ -24,7 +24,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
     g.add_argument("--system", default=None, help="system prompt placed before each instruction")
-    g.add_argument("--chat-template", default=None, help="Jinja chat template file, for tokenizers without one")
+    g.add_argument(
+        "--chat-template",
+        default=None,
+        help="Jinja chat template file for tokenizers without one, or a shipped one: gemma",
+    )
 
 
 def load_model_from_args(args: argparse.Namespace) -> tuple[object, object]:

@@ -148,7 +148,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, rank: int, world: int) -> int:
     from ..core.io import provenance
-    from ..core.models import model_name
+    from ..core.models import model_name, model_provenance
     from ..sae.source import ActivationSource
     from ..sae.streams import CachedStream, write_activation_cache
     from ..sae.trainer import train_saes
@@ -180,7 +180,7 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
                     "use another --cache folder or delete this one."
                 )
     cfgs = {a: _build(SAEConfig, args, arch=a, d_in=source.d_in) for a in archs}
-    meta = source.describe() | {"model_name": model_name(model), "provenance": provenance()}
+    meta = source.describe() | {"model_name": model_name(model), "provenance": provenance(**model_provenance(model))}
     saes = train_saes(cfgs, stream, train_cfg, Path(args.out), meta, resume=args.resume)
     if rank == 0:
         for name in saes:

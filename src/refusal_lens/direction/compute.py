@@ -28,7 +28,7 @@ from ..core.adapters import get_adapter
 from ..core.data import sample
 from ..core.errors import UserError
 from ..core.io import atomic_save_safetensors, atomic_write_json, load_safetensors, provenance, read_json
-from ..core.models import model_name
+from ..core.models import model_provenance
 from ..core.prompts import ChatFormatter
 from .activations import mean_activations
 from .scoring import detect_refusal_tokens, last_logits, refusal_score_from_logits
@@ -210,7 +210,7 @@ def compute_direction(
     tokenizer_tokens = [tokenizer.decode([i]) for i in ids]
     info: dict[str, Any] = provenance(
         artifact_version=ARTIFACT_VERSION,
-        model=model_name(model),
+        **model_provenance(model),
         family=adapter.family,
         n_layers=adapter.n_layers,
         d_model=adapter.d_model,
