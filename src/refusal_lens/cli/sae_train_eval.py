@@ -120,8 +120,14 @@ def rank_device(device: str | None, env: dict[str, str] | None = None) -> str | 
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    from ..core.models import load_model
+    from ..core.models import is_organism_model, load_model
 
+    if getattr(args, "data_file", None) is None and not is_organism_model(args.model):
+        raise UserError(
+            "--data-file is required when --model is given: the default corpus is the organism's synthetic data, "
+            "which says nothing about another model. Pass a JSON/JSONL of {'text'}, {'messages'} or "
+            "{'instruction','reply'} records."
+        )
     device_map = getattr(args, "device_map", None)
     return load_model(args.model, dtype=args.dtype, device=rank_device(args.device), device_map=device_map)
 

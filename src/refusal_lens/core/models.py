@@ -69,6 +69,14 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
     return text  # a hub id: from_pretrained fetches it (or finds it in the local cache)
 
 
+def is_organism_model(name_or_path: str | os.PathLike | None) -> bool:
+    """Whether ``--model`` names the built-in organism (the only model whose corpus and prompt splits ship here)."""
+    if name_or_path is None:
+        return True
+    local = Path(str(name_or_path)).expanduser()
+    return local.is_dir() and local.resolve() == ORGANISM_CHECKPOINT.resolve()
+
+
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype

@@ -40,7 +40,7 @@ class DataConfig:
         default=None,
         metadata={
             "help": "JSON/JSONL of {'text'}, {'messages'} or {'instruction','reply'} records "
-            "(default: the built-in organism corpus)"
+            "(required with --model; the organism defaults to its own corpus)"
         },
     )
     context_size: int = field(default=128, metadata={"help": "tokens per document (longer ones are cut)"})
