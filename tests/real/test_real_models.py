@@ -65,21 +65,29 @@ def test_gguf_load_equals_converted_checkpoint_loaded_without_gguf(smollm2, tmp_
 
 
 def test_hook_ablation_equals_orthogonalized_weights(smollm2):
+    """In float64 the two are the same function (< 1e-4 in the logits); in float32 they differ by rounding only."""
     model, tok = smollm2
     fmt = ChatFormatter(tok)
     prompts = HARMFUL[:3] + HARMLESS[:3]
     # a direction the model actually uses: harmful minus harmless mean at layer 9, last template token
     mh = mean_activations(model, fmt, HARMFUL, batch_size=6, progress=False)
     mb = mean_activations(model, fmt, HARMLESS, batch_size=6, progress=False)
-    direction = (mh - mb)[-1, 9].float()
-    with ablate_direction(model, direction):
-        hooked = _logits(model, fmt, prompts)
-    plain = _logits(model, fmt, prompts)
-    edited, _ = load_model("smollm2")
-    orthogonalize_model(edited, direction)
-    got = _logits(edited, fmt, prompts)
-    assert (plain - hooked).abs().max() > 1e-2  # the ablation changes the outputs...
-    assert (got - hooked).abs().max() < 1e-4  # ...exactly as the edited weights do
+    direction = (mh - mb)[-1, 9]
+    for dtype, tol in (("float64", 1e-4), ("float32", 1e-5)):
+        hooked_model, _ = load_model("smollm2", dtype=dtype)
+        with ablate_direction(hooked_model, direction):
+            hooked = _logits(hooked_model, fmt, prompts)
+        plain = _logits(hooked_model, fmt, prompts)
+        del hooked_model
+        edited, _ = load_model("smollm2", dtype=dtype)
+        orthogonalize_model(edited, direction)
+        got = _logits(edited, fmt, prompts)
+        del edited
+        assert (plain - hooked).abs().max() > 1e-2  # the ablation changes the outputs...
+        if dtype == "float64":
+            assert (got - hooked).abs().max() < tol  # ...exactly as the edited weights do
+        else:  # float32: rounding over 30 layers, relative to the logits' scale (~30)
+            assert (got - hooked).abs().max() / hooked.abs().max() < tol
 
 
 def test_diff_in_means_equals_float64_recomputation(smollm2):

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from ..core.prompts import ChatFormatter
 from .scoring import kl_divergence, refusal_score_from_logits
 from .selection_passes import Passes, PromptSet
+from .uncertainty import bootstrap_selection
 
 
 @dataclass
@@ -55,6 +56,8 @@ class SelectionConfig:
     """Skip scores of candidates already removed by another filter (same choice, faster)."""
     batch_size: int = 32
     """Rows per forward pass (prompts × candidates)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples of the validation prompts for intervals and choice frequencies (0: off; no forwards)."""
 
 
 @dataclass
@@ -83,6 +86,8 @@ class SelectionResult:
     explanation: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     """Work done: forward passes and rows per phase, KL early exits, how induce was scored."""
+    bootstrap: dict[str, Any] | None = None
+    """Intervals and choice frequencies over resampled validation prompts (:mod:`.uncertainty`)."""
     timings: dict[str, float] = field(default_factory=dict, repr=False)
     """Seconds per phase (not written to JSON: it would make artifacts differ run to run)."""
 
@@ -94,6 +99,7 @@ class SelectionResult:
             "explanation": self.explanation,
             "candidates": [asdict(s) for s in self.scores],
             "stats": self.stats,
+            "bootstrap": self.bootstrap,
         }
 
 
@@ -217,7 +223,17 @@ def select_direction(
         },
         timings={**passes.seconds, "total": time.perf_counter() - t_start},
     )
+    if cfg.bootstrap > 0:
+        keys = [(p, layer) for p in range(n_pos) for layer in range(n_layers)]
+        allowed = [k in live and not any(r in ("NaN score", "zero vector") for r in scores[k].removed_by) for k in keys]
+        result.bootstrap = bootstrap_selection(
+            keys, passes.per_prompt, len(harmful_val), n_b, allowed, cfg.kl_threshold, cfg.induce_threshold,
+            None if chosen is None else (chosen.position + n_pos, chosen.layer), cfg.bootstrap,
+            names={k: f"pos {k[0] - n_pos} layer {k[1]}" for k in keys},
+        )  # fmt: skip
     result.explanation = explain(result)
+    if result.bootstrap is not None:
+        result.explanation += "\n" + result.bootstrap["summary"]
     return result
 
 
