@@ -112,7 +112,7 @@ def summary_line(boot: Mapping[str, Any], chosen: str | None) -> str:
     pct = f"{100 * boot['chosen_frequency']:.0f}%"
     others = [(k, v) for k, v in boot["choice_frequency"].items() if k != chosen][:2]
     alt = ", ".join(f"{k} {100 * v:.0f}%" for k, v in others) or "none"
-    scope = "" if boot["exact"] else f" (over the {boot['n_fully_scored']} fully scored candidates; --no-prune: all)"
+    scope = "" if boot["exact"] else f"; among the {boot['n_fully_scored']} fully scored candidates, --no-prune: all"
     if chosen is None:
         return (
             f"bootstrap ({boot['n_resamples']} resamples of the validation prompts{scope}): no candidate passes in "
