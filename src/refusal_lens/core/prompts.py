@@ -42,10 +42,18 @@ def template_hash(template: str | None) -> str | None:
     return None if template is None else hashlib.sha256(template.encode("utf-8")).hexdigest()
 
 
+BUILTIN_TEMPLATES = {"gemma": Path(__file__).parent / "templates" / "gemma.jinja"}
+"""Chat templates shipped with refusal-lens, for base models whose tokenizer has none (``--chat-template gemma``)."""
+
+
 def read_chat_template(path: str | os.PathLike) -> str:
+    """A Jinja chat template from a file, or a shipped one by name (:data:`BUILTIN_TEMPLATES`)."""
     p = Path(path)
+    if not p.exists() and str(path) in BUILTIN_TEMPLATES:
+        p = BUILTIN_TEMPLATES[str(path)]
     if not p.is_file():
-        raise UserError(f"chat template file {p} does not exist; pass a Jinja template file.")
+        names = ", ".join(BUILTIN_TEMPLATES)
+        raise UserError(f"chat template file {p} does not exist; pass a Jinja template file or a shipped one: {names}.")
     return p.read_text(encoding="utf-8")
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,6 +42,7 @@ from ..core.progress import progress_bar
 from ..core.prompts import ChatFormatter
 from .scoring import kl_divergence, refusal_score_from_logits
 from .selection_passes import Passes, PromptSet
+from .uncertainty import bootstrap_selection
 
 
 @dataclass
@@ -56,6 +57,8 @@ class SelectionConfig:
     """Skip scores of candidates already removed by another filter (same choice, faster)."""
     batch_size: int = field(default=32, metadata=at_least(1))
     """Rows per forward pass (prompts × candidates)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples of the validation prompts for intervals and choice frequencies (0: off; no forwards)."""
 
 
 @dataclass
@@ -84,6 +87,8 @@ class SelectionResult:
     explanation: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     """Work done: forward passes and rows per phase, KL early exits, how induce was scored."""
+    bootstrap: dict[str, Any] | None = None
+    """Intervals and choice frequencies over resampled validation prompts (:mod:`.uncertainty`)."""
     timings: dict[str, float] = field(default_factory=dict, repr=False)
     """Seconds per phase (not written to JSON: it would make artifacts differ run to run)."""
 
@@ -95,6 +100,7 @@ class SelectionResult:
             "explanation": self.explanation,
             "candidates": [asdict(s) for s in self.scores],
             "stats": self.stats,
+            "bootstrap": self.bootstrap,
         }
 
 
@@ -111,8 +117,13 @@ def select_direction(
     refusal_ids: Sequence[int],
     config: SelectionConfig | None = None,
     progress: bool = True,
+    score: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SelectionResult:
-    """Score every candidate of ``candidates [n_pos, n_layers, d]`` and choose one (see module doc)."""
+    """Score every candidate of ``candidates [n_pos, n_layers, d]`` and choose one (see module doc).
+
+    ``score(logits) -> per-row refusal score`` replaces the paper's log-odds of ``refusal_ids`` (e.g. a
+    :class:`~refusal_lens.direction.refusal_fit.RefusalScore` contrast).
+    """
     t_start = time.perf_counter()
     cfg = config or SelectionConfig()
     n_pos, n_layers, _ = candidates.shape
@@ -120,7 +131,7 @@ def select_direction(
     passes = Passes(model, cfg.batch_size)
 
     def refusal_row(idx: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return refusal_score_from_logits(logits, refusal_ids)
+        return score(logits) if score is not None else refusal_score_from_logits(logits, refusal_ids)
 
     scores: dict[tuple[int, int], CandidateScore] = {}
     max_layer = int(cfg.max_layer_fraction * n_layers)
@@ -218,7 +229,17 @@ def select_direction(
         },
         timings={**passes.seconds, "total": time.perf_counter() - t_start},
     )
+    if cfg.bootstrap > 0:
+        keys = [(p, layer) for p in range(n_pos) for layer in range(n_layers)]
+        allowed = [k in live and not any(r in ("NaN score", "zero vector") for r in scores[k].removed_by) for k in keys]
+        result.bootstrap = bootstrap_selection(
+            keys, passes.per_prompt, len(harmful_val), n_b, allowed, cfg.kl_threshold, cfg.induce_threshold,
+            None if chosen is None else (chosen.position + n_pos, chosen.layer), cfg.bootstrap,
+            names={k: f"pos {k[0] - n_pos} layer {k[1]}" for k in keys},
+        )  # fmt: skip
     result.explanation = explain(result)
+    if result.bootstrap is not None:
+        result.explanation += "\n" + result.bootstrap["summary"]
     return result
 
 

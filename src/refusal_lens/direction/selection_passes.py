@@ -101,6 +101,8 @@ class Passes:
         self.tail_forwards = 0
         self.prefix_ok: bool | None = None  # decided by the first check_prefix
         self.cache_name = cache_argument(model)
+        # phase -> key -> {prompt index: per-row score}: what the bootstrap resamples (no extra forwards)
+        self.per_prompt: dict[str, dict[Key, dict[int, float]]] = {}
 
     # ------------------------------------------------------------------ basics
     @torch.no_grad()
@@ -229,10 +231,13 @@ class Passes:
                     return self._from_prefix(phase, prompts, idx, cache, [slot[k] for k in ks])
                 return self.logits(phase, prompts.batch(idx))
 
+        store = self.per_prompt.setdefault(phase, {})
+
         def consume(idx: list[int], ks: list[Key], logits: torch.Tensor) -> None:
-            for k, v in zip(ks, per_row(torch.tensor(idx), logits).tolist()):
+            for i, k, v in zip(idx, ks, per_row(torch.tensor(idx), logits).tolist()):
                 sums[k] += v
                 counts[k] += 1
+                store.setdefault(k, {})[i] = v
             if stop_above is not None:
                 for k in set(ks) - stopped:
                     if counts[k] < n and (sums[k] - KL_SLACK * (n - counts[k])) / n > stop_above:
@@ -268,10 +273,12 @@ class Passes:
         """
         t0 = time.perf_counter()
         sums = dict.fromkeys(directions, 0.0)
+        store = self.per_prompt.setdefault("induce", {})
 
         def consume(idx: list[int], ks: list[Key], logits: torch.Tensor) -> None:
-            for k, v in zip(ks, per_row(torch.tensor(idx), logits).tolist()):
+            for i, k, v in zip(idx, ks, per_row(torch.tensor(idx), logits).tolist()):
                 sums[k] += v
+                store.setdefault(k, {})[i] = v
 
         for layer in sorted(set(layer_of.values())):
 

@@ -33,7 +33,7 @@ from ..core.config_args import at_least, in_range, positive
 from ..core.data import Prompt, sample
 from ..core.errors import UserError
 from ..core.io import atomic_write_json, provenance, staging_dir
-from ..core.models import model_name
+from ..core.models import model_provenance
 from ..core.prompts import ChatFormatter
 from ..direction.compute import Direction
 from ..direction.interventions import Positions, ablate_direction, add_direction
@@ -290,7 +290,7 @@ def evaluate_conditions(
         results_conds[cond] = entry
     results: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "model": model_name(model),
+        **model_provenance(model),  # "model", and for a GGUF input its sha256 and quantization
         "direction": None
         if direction is None
         else {"layer": direction.layer, "position": direction.position, "norm": float(direction.vector.norm())},

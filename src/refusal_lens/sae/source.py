@@ -41,7 +41,7 @@ class DataConfig:
         default=None,
         metadata={
             "help": "JSON/JSONL of {'text'}, {'messages'} or {'instruction','reply'} records "
-            "(default: the built-in organism corpus)"
+            "(required with --model; the organism defaults to its own corpus)"
         },
     )
     context_size: int = field(
