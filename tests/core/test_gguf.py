@@ -110,8 +110,10 @@ def test_gemma_chunks_are_assembled_into_the_cache_not_site_packages(monkeypatch
 
 
 def test_console_script_explains_a_folder_without_model(tmp_path):
+    model_dir = tmp_path / "not-a-model"  # beside --out: an --out inside the model folder is refused first (#14)
+    model_dir.mkdir()
     run = subprocess.run(
-        ["refusal-lens", "orthogonalize", "--model", str(tmp_path), "--direction", "d", "--out", str(tmp_path / "o")],
+        ["refusal-lens", "orthogonalize", "--model", str(model_dir), "--direction", "d", "--out", str(tmp_path / "o")],
         capture_output=True,
         text=True,
     )

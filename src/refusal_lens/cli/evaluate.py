@@ -271,15 +271,15 @@ def run(args: argparse.Namespace) -> int:
         sets["borderline"] = load_prompts(args.borderline or "organism:borderline:test", column=args.column)
     plain, pairs = _plain_texts(args), _pairs(args)
     missing = [f"--{n} FILE" for n, v in (("plain-text", plain), ("instruction-data", pairs)) if v is None]
+    settings = dataclass_from_args(EvalSettings, args)
+    chosen = _interventions(args.intervention, args.direction is not None)
+    llm_kwargs = _check_vllm(args, chosen) if args.backend == "vllm" else {}
     if missing:  # stated, not silent: the organism's corpus is no stand-in for another model's data
-        print(
+        print(  # after the checks that can fail, so that an error stays one line
             f"note: CE losses on {' and '.join(m.split()[0].removeprefix('--') for m in missing)} are not measured "
             f"for this model; pass {' and '.join(missing)} (data for this model) to measure them.",
             file=sys.stderr,
         )
-    settings = dataclass_from_args(EvalSettings, args)
-    chosen = _interventions(args.intervention, args.direction is not None)
-    llm_kwargs = _check_vllm(args, chosen) if args.backend == "vllm" else {}
     direction = Direction.load(args.direction) if args.direction else None
     template = chat_template_from_args(args)
     judges = []
