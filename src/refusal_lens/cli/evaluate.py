@@ -24,7 +24,7 @@ from typing import Any
 
 from ..core.config_args import add_dataclass_arguments, dataclass_from_args, number
 from ..core.errors import UserError
-from ..core.io import staging_dir, stale_stage
+from ..core.io import read_text_file, staging_dir, stale_stage
 from ..core.models import resolve_model_path
 from ..direction.compute import Direction
 from ..direction.scoring import parse_refusal_tokens
@@ -200,9 +200,7 @@ def _generator(
 
 def _read_records(path: str, what: str) -> list[Any]:
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"{what} file {p} does not exist; check the path.")
-    text = p.read_text(encoding="utf-8")
+    text = read_text_file(p, f"{what} file")
     try:
         if p.suffix.lower() == ".jsonl":
             return [json.loads(line) for line in text.splitlines() if line.strip()]

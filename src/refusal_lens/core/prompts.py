@@ -21,11 +21,11 @@ import hashlib
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .io import read_text_file
 
 _PLACEHOLDER = "PLACEHOLDERINSTRUCTION"
 _NO_LIMIT = 10_000_000  # tokenizers without a known context report ~1e30
@@ -43,10 +43,7 @@ def template_hash(template: str | None) -> str | None:
 
 
 def read_chat_template(path: str | os.PathLike) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"chat template file {p} does not exist; pass a Jinja template file.")
-    return p.read_text(encoding="utf-8")
+    return read_text_file(path, "chat template file")
 
 
 class ChatFormatter:
