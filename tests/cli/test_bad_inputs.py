@@ -6,7 +6,7 @@ deleted, moved or changed). Every case runs in its own copy of a small workspace
 directions, prompt files, a user's non-empty folder and a user's file); the cases run three at a time in one
 fixture, because each subprocess spends most of its time importing torch and transformers.
 
-The whole table takes about 3.5 CPU minutes (88 subprocesses); the default suite runs the cases in
+The whole table takes about 3.5 CPU minutes (90 subprocesses); the default suite runs the cases in
 ``FAST`` (every command, every kind of check) and ``-m slow`` runs the rest.
 """
 
@@ -59,6 +59,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("direction-device-cuda7", ["direction", "--device", "cuda:7", "--out", "o"], "cuda:7"),
     ("direction-bad-dtype", ["direction", "--dtype", "float8", "--out", "o"], "float8"),
     ("direction-missing-model", ["direction", "--model", "./nomodel", *H, "--out", "o"], "nomodel"),
+    ("direction-layer-outside", ["direction", "--layer", "99", "--position", "-1", "--out", "o"], "layer 99"),
     ("direction-model-without-prompts", ["direction", *M, "--out", "o"], "--harmful"),
     # orthogonalize (streaming unless --in-memory)
     ("ortho-out-is-model", ["orthogonalize", *M, "--direction", D, "--out", "../model"], "../model"),
@@ -104,6 +105,11 @@ CASES: list[tuple[str, list[str], str]] = [
     ("upstream-top-0", ["upstream", "--prompt", "hi", "--top", "0", "--out", "o"], "--top"),
     ("upstream-steer-alpha-nan", ["upstream", "--prompt", "hi", "--steer-alpha", "nan", "--out", "o"], "--steer-alpha"),
     ("upstream-target-layer-negative", ["upstream", "--prompt", "hi", "--target-layer", "-1", "--out", "o"], "layer"),
+    (
+        "upstream-target-position-outside",
+        ["upstream", "--prompt", "hi", "--target-position", "999", "--out", "o"],
+        "--target-position",
+    ),  # fmt: skip
     ("upstream-out-nonempty", ["upstream", "--prompt", "hi", "--out", "keep"], "--overwrite"),
     ("upstream-zero-direction", ["upstream", "--prompt", "hi", "--direction", Z, "--out", "o"], "norm"),
     # sae train / eval / decompose

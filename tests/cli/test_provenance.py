@@ -18,9 +18,9 @@ from .test_cli import _direction_args, prompt_files  # noqa: F401  (fixture)
 
 def test_direction_records_system_and_template_and_reruns_are_byte_identical(
     saved_model,
-    prompt_files,
+    prompt_files,  # noqa: F811
     tmp_path,
-    tokenizer,  # noqa: F811
+    tokenizer,
 ):
     harmful, harmless = prompt_files
     for out in ("a", "b"):
