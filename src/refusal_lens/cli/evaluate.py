@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -317,24 +318,29 @@ def run(args: argparse.Namespace) -> int:
         journal = CompletionJournal(stage / "completions.jsonl", key, resume=args.resume)
         if len(journal):
             print(f"resuming: {len(journal)} batch(es) of replies already made")
-        results, completions = evaluate_conditions(
-            model,
-            tokenizer,
-            conditions,
-            sets,
-            settings,
-            judges=judges,
-            refusal_tokens=ids,
-            formatter=fmt,
-            plain_text=plain,
-            instruction_pairs=pairs,
-            direction=direction,
-            descriptions=descriptions,
-            progress=not args.quiet,
-            return_completions=True,
-            generator=gen,
-            journal=journal,
-        )
+        try:
+            results, completions = evaluate_conditions(
+                model,
+                tokenizer,
+                conditions,
+                sets,
+                settings,
+                judges=judges,
+                refusal_tokens=ids,
+                formatter=fmt,
+                plain_text=plain,
+                instruction_pairs=pairs,
+                direction=direction,
+                descriptions=descriptions,
+                progress=not args.quiet,
+                return_completions=True,
+                generator=gen,
+                journal=journal,
+            )
+        except KeyboardInterrupt:
+            print(f"kept {len(journal)} batch(es) of replies beside {args.out}; rerun with --resume to continue",
+                  file=sys.stderr)  # fmt: skip
+            raise
         journal.close()
         _finish(args, stage, results, completions, options)
     _print_summary(results)
