@@ -6,7 +6,7 @@ deleted, moved or changed). Every case runs in its own copy of a small workspace
 directions, prompt files, a user's non-empty folder and a user's file); the cases run three at a time in one
 fixture, because each subprocess spends most of its time importing torch and transformers.
 
-The whole table takes about 3.5 CPU minutes (90 subprocesses); the default suite runs the cases in
+The whole table takes about 3.5 CPU minutes (89 subprocesses); the default suite runs the cases in
 ``FAST`` (every command, every kind of check) and ``-m slow`` runs the rest.
 """
 
