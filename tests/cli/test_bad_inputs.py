@@ -6,7 +6,7 @@ deleted, moved or changed). Every case runs in its own copy of a small workspace
 directions, prompt files, a user's non-empty folder and a user's file); the cases run three at a time in one
 fixture, because each subprocess spends most of its time importing torch and transformers.
 
-The whole table takes about 3.5 CPU minutes (some 85 subprocesses); the default suite runs the cases in
+The whole table takes about 3.5 CPU minutes (89 subprocesses); the default suite runs the cases in
 ``FAST`` (every command, every kind of check) and ``-m slow`` runs the rest.
 """
 
@@ -55,9 +55,11 @@ CASES: list[tuple[str, list[str], str]] = [
     ("direction-missing-prompts", ["direction", "--harmful", "p/missing.json", "--out", "o"], "p/missing.json"),
     ("direction-unknown-type", ["direction", "--harmful", "p/prompts.xyz", "--out", "o"], "p/prompts.xyz"),
     ("direction-no-column", ["direction", "--harmful", "p/nocolumn.json", "--out", "o"], "--column"),
+    ("direction-template-not-utf8", ["direction", "--chat-template", "p/latin1.txt", "--out", "o"], "p/latin1.txt"),
     ("direction-device-cuda7", ["direction", "--device", "cuda:7", "--out", "o"], "cuda:7"),
     ("direction-bad-dtype", ["direction", "--dtype", "float8", "--out", "o"], "float8"),
     ("direction-missing-model", ["direction", "--model", "./nomodel", *H, "--out", "o"], "nomodel"),
+    ("direction-layer-outside", ["direction", "--layer", "99", "--position", "-1", "--out", "o"], "layer 99"),
     ("direction-model-without-prompts", ["direction", *M, "--out", "o"], "--harmful"),
     # orthogonalize (streaming unless --in-memory)
     ("ortho-out-is-model", ["orthogonalize", *M, "--direction", D, "--out", "../model"], "../model"),
@@ -93,6 +95,7 @@ CASES: list[tuple[str, list[str], str]] = [
         "p/latin1.txt",
     ),  # fmt: skip
     ("evaluate-missing-plain-text", ["evaluate", "--out", "o", "--plain-text", "p/missing.txt"], "p/missing.txt"),
+    ("evaluate-plain-text-not-utf8", ["evaluate", "--out", "o", "--plain-text", "p/latin1.txt"], "p/latin1.txt"),
     ("evaluate-bad-instruction-data", ["evaluate", "--out", "o", "--instruction-data", "p/harmful.json"], "p/"),
     ("evaluate-judge-mode", ["evaluate", "--out", "o", "--judge-mode", "x"], "--judge-mode"),
     ("evaluate-device-cuda7", ["evaluate", "--out", "o", "--device", "cuda:7"], "cuda:7"),
@@ -102,6 +105,11 @@ CASES: list[tuple[str, list[str], str]] = [
     ("upstream-top-0", ["upstream", "--prompt", "hi", "--top", "0", "--out", "o"], "--top"),
     ("upstream-steer-alpha-nan", ["upstream", "--prompt", "hi", "--steer-alpha", "nan", "--out", "o"], "--steer-alpha"),
     ("upstream-target-layer-negative", ["upstream", "--prompt", "hi", "--target-layer", "-1", "--out", "o"], "layer"),
+    (
+        "upstream-target-position-outside",
+        ["upstream", "--prompt", "hi", "--target-position", "999", "--out", "o"],
+        "--target-position",
+    ),  # fmt: skip
     ("upstream-out-nonempty", ["upstream", "--prompt", "hi", "--out", "keep"], "--overwrite"),
     ("upstream-zero-direction", ["upstream", "--prompt", "hi", "--direction", Z, "--out", "o"], "norm"),
     # sae train / eval / decompose
@@ -114,6 +122,11 @@ CASES: list[tuple[str, list[str], str]] = [
     ("sae-train-unknown-arch", ["sae", "train", "--layer", "1", "--out", "o", "--arch", "bogus"], "bogus"),
     ("sae-train-out-nonempty", ["sae", "train", "--layer", "1", "--out", "keep"], "--overwrite"),
     ("sae-train-out-is-file", ["sae", "train", "--layer", "1", "--out", "file.txt"], "file.txt"),
+    (
+        "sae-train-data-file-not-utf8",
+        ["sae", "train", "--layer", "1", "--out", "o", "--data-file", "p/latin1.txt"],
+        "p/latin1.txt",
+    ),  # fmt: skip
     ("sae-eval-missing-sae", ["sae", "eval", "--sae", "nosae"], "nosae"),
     ("sae-eval-out-exists", ["sae", "eval", "--sae", "dir", "--out", "file.txt"], "file.txt"),
     ("sae-eval-tokens-0", ["sae", "eval", "--sae", "dir", "--tokens", "0"], "--tokens"),

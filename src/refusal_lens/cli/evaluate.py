@@ -25,7 +25,7 @@ from typing import Any
 
 from ..core.config_args import add_dataclass_arguments, dataclass_from_args, number
 from ..core.errors import UserError
-from ..core.io import staging_dir, stale_stage
+from ..core.io import read_text_file, staging_dir, stale_stage
 from ..core.models import is_organism_model, resolve_model_path
 from ..direction.compute import Direction
 from ..direction.scoring import parse_refusal_tokens
@@ -201,9 +201,7 @@ def _generator(
 
 def _read_records(path: str, what: str) -> list[Any]:
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"{what} file {p} does not exist; check the path.")
-    text = p.read_text(encoding="utf-8")
+    text = read_text_file(p, f"{what} file")
     try:
         if p.suffix.lower() == ".jsonl":
             return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -328,24 +326,29 @@ def run(args: argparse.Namespace) -> int:
         journal = CompletionJournal(stage / "completions.jsonl", key, resume=args.resume)
         if len(journal):
             print(f"resuming: {len(journal)} batch(es) of replies already made")
-        results, completions = evaluate_conditions(
-            model,
-            tokenizer,
-            conditions,
-            sets,
-            settings,
-            judges=judges,
-            refusal_tokens=ids,
-            formatter=fmt,
-            plain_text=plain,
-            instruction_pairs=pairs,
-            direction=direction,
-            descriptions=descriptions,
-            progress=not args.quiet,
-            return_completions=True,
-            generator=gen,
-            journal=journal,
-        )
+        try:
+            results, completions = evaluate_conditions(
+                model,
+                tokenizer,
+                conditions,
+                sets,
+                settings,
+                judges=judges,
+                refusal_tokens=ids,
+                formatter=fmt,
+                plain_text=plain,
+                instruction_pairs=pairs,
+                direction=direction,
+                descriptions=descriptions,
+                progress=not args.quiet,
+                return_completions=True,
+                generator=gen,
+                journal=journal,
+            )
+        except KeyboardInterrupt:
+            print(f"kept {len(journal)} batch(es) of replies beside {args.out}; rerun with --resume to continue",
+                  file=sys.stderr)  # fmt: skip
+            raise
         journal.close()
         _finish(args, stage, results, completions, options)
     _print_summary(results)

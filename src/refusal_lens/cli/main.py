@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"refusal-lens {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"refusal-lens {args.command}: interrupted; no partial output was kept.", file=sys.stderr)
+        print(f"refusal-lens {args.command}: interrupted; --out was left as it was.", file=sys.stderr)
         return 130
 
 

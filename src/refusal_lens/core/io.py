@@ -107,13 +107,24 @@ def load_safetensors(path: PathLike, what: str = "file") -> dict[str, torch.Tens
         raise UserError(f"{what} {p} is not a readable safetensors file ({exc}); re-create it.") from None
 
 
-def read_json(path: PathLike, what: str = "file") -> Any:
-    """Read a JSON file, turning a missing or malformed file into a :class:`UserError`."""
-    p = Path(path)
+def read_text_file(path: PathLike, what: str = "file") -> str:
+    """Read a user's UTF-8 text file; a missing, unreadable or non-UTF-8 file is a :class:`UserError`."""
+    p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"{what} {p} does not exist; check the path.")
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {p} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8.") from None
+    except OSError as exc:
+        raise UserError(f"{what} {p} cannot be read ({exc.strerror}); check its permissions.") from None
+
+
+def read_json(path: PathLike, what: str = "file") -> Any:
+    """Read a JSON file, turning a missing or malformed file into a :class:`UserError`."""
+    p = Path(path)
+    try:
+        return json.loads(read_text_file(p, what))
     except json.JSONDecodeError as exc:
         raise UserError(f"{what} {p} is not valid JSON ({exc}); fix or re-create it.") from None
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .io import read_text_file
 
 _PLACEHOLDER = "PLACEHOLDERINSTRUCTION"
 _NO_LIMIT = 10_000_000  # tokenizers without a known context report ~1e30
@@ -54,7 +55,7 @@ def read_chat_template(path: str | os.PathLike) -> str:
     if not p.is_file():
         names = ", ".join(BUILTIN_TEMPLATES)
         raise UserError(f"chat template file {p} does not exist; pass a Jinja template file or a shipped one: {names}.")
-    return p.read_text(encoding="utf-8")
+    return read_text_file(p, "chat template file")
 
 
 class ChatFormatter:

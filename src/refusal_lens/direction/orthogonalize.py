@@ -16,7 +16,6 @@ we edit, which re-introduces a component along ``r̂``: the edit is not exact th
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -219,7 +218,7 @@ def orthogonalize_checkpoint(
     prefix = next(iter(axes)).split(".")[0]
     unit = unit_direction(direction)
     check_shards(src_dir, weight_map)
-    config = json.loads((src_dir / "config.json").read_text())
+    config = read_json(src_dir / "config.json", "model config")
     tied = adapter.tied_embeddings() and not any(k.endswith("lm_head.weight") for k in weight_map)
     edited: list[str] = []
     with staging_dir(out, overwrite, [src_dir, *inputs]) as stage:

@@ -94,6 +94,12 @@ def refusal_gradient(
     if direction.shape != (adapter.d_model,):
         raise UserError(f"direction has shape {list(direction.shape)}; the model's hidden size is {adapter.d_model}.")
     batch = formatter.encode([prompt], input_device(model))
+    n_tokens = batch["input_ids"].shape[1]
+    if not -n_tokens <= target_position < n_tokens:
+        raise UserError(
+            f"--target-position {target_position} is outside the prompt's {n_tokens} tokens; use -1 (the last "
+            f"token) down to -{n_tokens}."
+        )
     unit = (direction / direction.norm()).to(adapter.embed.weight.dtype)
     state: dict[str, torch.Tensor] = {}
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..core.config_args import at_least
 from ..core.errors import UserError
+from ..core.io import read_text_file
 
 Chat = list[dict[str, str]]
 Doc = tuple[str, Any]  # ("text", str) or ("chat", [{"role", "content"}, ...])
@@ -104,9 +105,7 @@ def _as_chat(record: dict[str, Any], where: str) -> Chat:
 def load_data_file(path: str | Path) -> tuple[list[str], list[Chat]]:
     """Read plain-text and chat documents from a JSON array or JSON-lines file."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--data-file {p} does not exist; check the path.")
-    text = p.read_text(encoding="utf-8")
+    text = read_text_file(p, "--data-file")
     try:
         records = (
             json.loads(text)
