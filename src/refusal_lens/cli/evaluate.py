@@ -272,12 +272,6 @@ def run(args: argparse.Namespace) -> int:
     settings = dataclass_from_args(EvalSettings, args)
     chosen = _interventions(args.intervention, args.direction is not None)
     llm_kwargs = _check_vllm(args, chosen) if args.backend == "vllm" else {}
-    if missing:  # stated, not silent: the organism's corpus is no stand-in for another model's data
-        print(  # after the checks that can fail, so that an error stays one line
-            f"note: CE losses on {' and '.join(m.split()[0].removeprefix('--') for m in missing)} are not measured "
-            f"for this model; pass {' and '.join(missing)} (data for this model) to measure them.",
-            file=sys.stderr,
-        )
     direction = Direction.load(args.direction) if args.direction else None
     template = chat_template_from_args(args)
     judges = []
@@ -293,6 +287,12 @@ def run(args: argparse.Namespace) -> int:
                 label=args.judge_label,
                 **({"method": args.judge_method} if args.judge_method else {}),
             )
+        )
+    if missing:  # stated, not silent: the organism's corpus is no stand-in for another model's data
+        print(
+            f"note: CE losses on {' and '.join(m.split()[0].removeprefix('--') for m in missing)} are not measured "
+            f"for this model; pass {' and '.join(missing)} (data for this model) to measure them.",
+            file=sys.stderr,
         )
     model, tokenizer = load_model_from_args(args)
     if direction is not None:

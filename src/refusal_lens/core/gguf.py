@@ -235,3 +235,18 @@ def gguf_checkpoint(path: str | os.PathLike, use_cache: bool = True) -> tuple[Pa
     except OSError:  # a read-only home: load from the GGUF file every time instead
         return p, info
     return target, info
+
+
+def gguf_from_pretrained_args(path: str | os.PathLike) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """Where and how to ``from_pretrained`` a GGUF model: ``(folder, extra kwargs, provenance)``.
+
+    The cached converted folder (no extra kwargs) when there is one, else the file's folder with
+    ``gguf_file`` and a dequantizing ``GgufConfig``.
+    """
+    found, info = gguf_checkpoint(path)
+    if found.is_dir():
+        return found, {}, info
+    from transformers import GgufConfig
+
+    _require_gguf_package()
+    return found.parent, {"gguf_file": found.name, "quantization_config": GgufConfig(dequantize=True)}, info
