@@ -158,10 +158,15 @@ def describe_gguf(path: str | os.PathLike, sha256: str | None = None) -> dict[st
 
 # ----------------------------------------------------------------------------------------------- loading
 def _require_gguf_package() -> None:
+    """transformers reads GGUF files with the gguf package, and (in 5.x) insists on accelerate for them."""
     import importlib.util
 
-    if importlib.util.find_spec("gguf") is None:
-        raise UserError('loading a .gguf model needs the gguf package: pip install gguf (or pip install -e ".[real]").')
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(
+            f"loading a .gguf model needs {' and '.join(missing)}: pip install {' '.join(missing)} "
+            '(or pip install -e ".[real]").'
+        )
 
 
 def _load_direct(path: Path, dtype: Any) -> tuple[Any, Any]:
