@@ -168,9 +168,12 @@ def evaluate_our_front(args, out: Path, summary: dict, wall: float, startup: flo
     ev = Evaluator(args.model, args.system)
     directions = DirectionSet.load(out / "directions.safetensors")
     rows = []
-    for row in json.loads((out / "front.json").read_text())["checked"]:
+    for i, row in enumerate(json.loads((out / "front.json").read_text())["checked"]):
         model = ev.load(args.model)
         edit_weights(model, Point.from_json(row["point"]).plan(directions))
+        if args.save_points:  # so heretic's own evaluator (--evaluate-model) can score our points too
+            model.save_pretrained(out.with_name(f"{out.name}-points") / str(i))
+            ev.tok.save_pretrained(out.with_name(f"{out.name}-points") / str(i))
         rows.append({**ev.compare(model), "point": row["point"], "seconds": startup + row["seconds"],
                      "search_refusal": row["refusal"], "search_kl": row["kl"]})  # fmt: skip
     result = {"tool": "refusal-lens", "system": args.system, "wall_s": wall, "startup_s": startup,
@@ -317,6 +320,7 @@ def main() -> None:
     p.add_argument("--heretic", default="/tmp/heretic-venv/bin/heretic")
     p.add_argument("--max-kl", type=float, default=0.1)
     p.add_argument("--tag", default="heretic")
+    p.add_argument("--save-points", action="store_true", help="save each checked front point's model (ours step)")
     p.add_argument("--extra", default="", help="extra options for refusal-lens abliterate, one string")
     args = p.parse_args()
     {"data": cmd_data, "ours": cmd_ours, "heretic": cmd_heretic, "evaluate": cmd_evaluate, "report": cmd_report}[

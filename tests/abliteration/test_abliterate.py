@@ -161,3 +161,15 @@ def test_plan_with_every_strength_zero_changes_nothing(setup):
     zero = AblationPlan(ds.write_units(), torch.zeros(3), torch.zeros(3))
     ev = Evaluator(model, fmt, HARMFUL[:2], HARMLESS[:2], [5])
     assert ev(zero).kl == 0.0
+
+
+def test_pick_honours_either_bound_and_explains_when_none_fits():
+    from refusal_lens.abliteration.pipeline import pick
+
+    front = [{"kl": 0.001, "refusal_generated": 0.8}, {"kl": 0.05, "refusal_generated": 0.3},
+             {"kl": 0.5, "refusal_generated": 0.0}]  # fmt: skip
+    assert pick(front, max_kl=0.1, max_refusal=None) is front[1]
+    assert pick(front, max_kl=None, max_refusal=0.3) is front[1]
+    assert pick(front, max_kl=None, max_refusal=0.0) is front[2]
+    with pytest.raises(UserError, match="lowest is 0.0010"):
+        pick(front, max_kl=1e-4, max_refusal=None)
