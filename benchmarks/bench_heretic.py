@@ -185,12 +185,12 @@ def evaluate_our_front(args, out: Path, summary: dict, wall: float, startup: flo
 
 def cmd_heretic(args) -> None:
     w = Path(args.work)
-    run_dir = w / f"heretic-{_tag(args.system)}"
+    run_dir = w / f"heretic{args.label}-{_tag(args.system)}"
     run_dir.mkdir(parents=True, exist_ok=True)
     d = w / "data"
     cmd = [args.heretic, "--model", args.model, "--system-prompt", args.system or "", "--n-trials", str(args.trials),
            "--seed", "0", "--batch-size", "64", "--device-map", "cpu", "--dtypes", '["float32"]',
-           "--study-checkpoint-dir", str(run_dir / "study")]  # fmt: skip
+           "--study-checkpoint-dir", str(run_dir / "study"), *shlex.split(args.heretic_extra)]  # fmt: skip
     sets = (("good-prompts", "harmless_train"), ("bad-prompts", "harmful_train"),
             ("good-evaluation-prompts", "harmless_val"), ("bad-evaluation-prompts", "harmful_val"))  # fmt: skip
     for opt, name in sets:
@@ -320,6 +320,8 @@ def main() -> None:
     p.add_argument("--heretic", default="/tmp/heretic-venv/bin/heretic")
     p.add_argument("--max-kl", type=float, default=0.1)
     p.add_argument("--tag", default="heretic")
+    p.add_argument("--label", default="", help="suffix of the heretic run folder, e.g. -noorth")
+    p.add_argument("--heretic-extra", default="", help="extra heretic options, one string")
     p.add_argument("--save-points", action="store_true", help="save each checked front point's model (ours step)")
     p.add_argument("--extra", default="", help="extra options for refusal-lens abliterate, one string")
     args = p.parse_args()
