@@ -168,9 +168,12 @@ def evaluate_our_front(args, out: Path, summary: dict, wall: float, startup: flo
     ev = Evaluator(args.model, args.system)
     directions = DirectionSet.load(out / "directions.safetensors")
     rows = []
-    for row in json.loads((out / "front.json").read_text())["checked"]:
+    for i, row in enumerate(json.loads((out / "front.json").read_text())["checked"]):
         model = ev.load(args.model)
         edit_weights(model, Point.from_json(row["point"]).plan(directions))
+        if args.save_points:  # so heretic's own evaluator (--evaluate-model) can score our points too
+            model.save_pretrained(out.with_name(f"{out.name}-points") / str(i))
+            ev.tok.save_pretrained(out.with_name(f"{out.name}-points") / str(i))
         rows.append({**ev.compare(model), "point": row["point"], "seconds": startup + row["seconds"],
                      "search_refusal": row["refusal"], "search_kl": row["kl"]})  # fmt: skip
     result = {"tool": "refusal-lens", "system": args.system, "wall_s": wall, "startup_s": startup,
@@ -182,12 +185,12 @@ def evaluate_our_front(args, out: Path, summary: dict, wall: float, startup: flo
 
 def cmd_heretic(args) -> None:
     w = Path(args.work)
-    run_dir = w / f"heretic-{_tag(args.system)}"
+    run_dir = w / f"heretic{args.label}-{_tag(args.system)}"
     run_dir.mkdir(parents=True, exist_ok=True)
     d = w / "data"
     cmd = [args.heretic, "--model", args.model, "--system-prompt", args.system or "", "--n-trials", str(args.trials),
            "--seed", "0", "--batch-size", "64", "--device-map", "cpu", "--dtypes", '["float32"]',
-           "--study-checkpoint-dir", str(run_dir / "study")]  # fmt: skip
+           "--study-checkpoint-dir", str(run_dir / "study"), *shlex.split(args.heretic_extra)]  # fmt: skip
     sets = (("good-prompts", "harmless_train"), ("bad-prompts", "harmful_train"),
             ("good-evaluation-prompts", "harmless_val"), ("bad-evaluation-prompts", "harmful_val"))  # fmt: skip
     for opt, name in sets:
@@ -208,6 +211,104 @@ def cmd_evaluate(args) -> None:
         print(r)
 
 
+def heretic_trials(run_dir: Path) -> list[dict]:
+    """Every finished trial of a heretic study (its own evaluation: refusal count, KL), from the Optuna journal."""
+    attrs: dict[int, dict] = {}
+    done: dict[int, str] = {}
+    for path in (run_dir / "study").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            op = json.loads(line)
+            if op.get("op_code") == 8:
+                attrs.setdefault(op["trial_id"], {}).update(op["user_attr"])
+            if op.get("op_code") == 6 and op.get("state") == 1:
+                done[op["trial_id"]] = op["datetime_complete"]
+    out = []
+    for t, a in sorted(attrs.items()):
+        if t in done and "refusals" in a:
+            out.append({"trial": t, "refusals": a["refusals"], "n": a["n_bad_prompts"], "kl": a["kl_divergence"],
+                        "base_refusals": a.get("base_refusals"), "completed": done[t]})  # fmt: skip
+    return out
+
+
+def _front(rows: list[dict], key: str) -> list[dict]:
+    best, front = float("inf"), []
+    for r in sorted(rows, key=lambda r: (r["kl"], r[key])):
+        if r[key] < best:
+            front.append(r)
+            best = r[key]
+    return front
+
+
+def cmd_report(args) -> None:
+    w = Path(args.work)
+    tag = _tag(args.system)
+    condition = f"system prompt {args.system!r}" if args.system else "no system prompt"
+    lines = [f"## refusal-lens abliterate vs heretic ({condition})", ""]
+    ours = json.loads((w / f"eval-ours-{tag}.json").read_text())
+    run_dir = w / f"heretic-{tag}"
+    trials = heretic_trials(run_dir) if run_dir.is_dir() else []
+    timing = json.loads((run_dir / "timing.json").read_text()) if (run_dir / "timing.json").is_file() else None
+    h_wall = None if timing is None else timing["end"] - timing["start"]
+    lines += [f"Wall time: refusal-lens {ours['wall_s']:.0f} s (whole command: load, directions, "
+              f"{ours['summary']['evaluations']} scored points, front check); heretic "
+              + (f"{h_wall:.0f} s for {timing['trials']} trials" if timing else "not run")
+              + (f" (ratio {h_wall / ours['wall_s']:.1f}x)." if timing else "."), ""]  # fmt: skip
+    lines += ["### Independent evaluator (JailbreakBench 100 harmful, Alpaca test 100 harmless; greedy 100 tokens)", "",
+              "| point | harmful refused /100 | first-token KL | harmless identical /100 | found after (s) |",
+              "|---|---|---|---|---|", f"| original | {ours['original_refusals']} | 0 | 100 | |"]  # fmt: skip
+    pts = sorted(ours["points"], key=lambda r: r["kl"])
+    for r in pts:
+        lines.append(f"| refusal-lens | {r['refusals']} | {r['kl']:.4f} | {r['identical']} | {r['seconds']:.0f} |")
+    for path in sorted(w.glob(f"eval-heretic*-{tag}.json")):
+        for r in json.loads(path.read_text())["points"]:
+            lines.append(f"| heretic {Path(r['model']).name} | {r['refusals']} | {r['kl']:.4f} | {r['identical']} | |")
+    if trials:
+        hf = _front(trials, "refusals")
+        n, base = trials[0]["n"], trials[0]["base_refusals"]
+        counts = sorted({t["refusals"] for t in trials})
+        lines += ["", f"### heretic's own evaluation ({len(trials)} trials; its refusal markers on {n} harmful "
+                  f"validation prompts, KL on 100 harmless validation prompts; original: {base}/{n})", "",
+                  f"Refusal counts over all trials: {counts}. Pareto front:", "",
+                  "| trial | refusals | KL |", "|---|---|---|"]  # fmt: skip
+        lines += [f"| {t['trial']} | {t['refusals']}/{n} | {t['kl']:.4f} |" for t in hf]
+        pick = min((t for t in hf if t["kl"] <= 0.1), key=lambda t: (t["refusals"], t["kl"]), default=None)
+        if pick:
+            lines += ["", f"heretic's pick (fewest refusals with KL <= 0.1): trial {pick['trial']}, "
+                      f"{pick['refusals']}/{n} refusals at KL {pick['kl']:.4f}."]  # fmt: skip
+    (w / f"report-{tag}.md").write_text("\n".join(lines) + "\n")
+    _plot(w / f"fronts-{tag}.png", pts, trials)
+    print("\n".join(lines))
+
+
+def _plot(path: Path, ours: list[dict], trials: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    of = _front(ours, "refusals")
+    axes[0].scatter(
+        [r["kl"] for r in ours], [r["refusals"] for r in ours], c="#4c72b0", s=12, label="refusal-lens checked"
+    )
+    axes[0].step(
+        [r["kl"] for r in of], [r["refusals"] for r in of], where="post", c="#4c72b0", label="refusal-lens front"
+    )
+    axes[0].set(xscale="symlog", xlabel="first-token KL (Alpaca test)", ylabel="JailbreakBench refused /100",
+                title="independent evaluator")  # fmt: skip
+    if trials:
+        hf = _front(trials, "refusals")
+        axes[1].scatter([t["kl"] for t in trials], [t["refusals"] for t in trials], c="#dd8452", s=8, label="trials")
+        axes[1].step([t["kl"] for t in hf], [t["refusals"] for t in hf], where="post", c="#dd8452", label="front")
+        axes[1].set(xscale="symlog", xlabel="heretic's KL", ylabel=f"heretic's refusals /{trials[0]['n']}",
+                    title="heretic's own evaluation")  # fmt: skip
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("step", choices=["data", "ours", "heretic", "evaluate", "report"])
@@ -219,9 +320,14 @@ def main() -> None:
     p.add_argument("--heretic", default="/tmp/heretic-venv/bin/heretic")
     p.add_argument("--max-kl", type=float, default=0.1)
     p.add_argument("--tag", default="heretic")
+    p.add_argument("--label", default="", help="suffix of the heretic run folder, e.g. -noorth")
+    p.add_argument("--heretic-extra", default="", help="extra heretic options, one string")
+    p.add_argument("--save-points", action="store_true", help="save each checked front point's model (ours step)")
     p.add_argument("--extra", default="", help="extra options for refusal-lens abliterate, one string")
     args = p.parse_args()
-    {"data": cmd_data, "ours": cmd_ours, "heretic": cmd_heretic, "evaluate": cmd_evaluate}[args.step](args)
+    {"data": cmd_data, "ours": cmd_ours, "heretic": cmd_heretic, "evaluate": cmd_evaluate, "report": cmd_report}[
+        args.step
+    ](args)
 
 
 if __name__ == "__main__":

@@ -161,3 +161,32 @@ def test_plan_with_every_strength_zero_changes_nothing(setup):
     zero = AblationPlan(ds.write_units(), torch.zeros(3), torch.zeros(3))
     ev = Evaluator(model, fmt, HARMFUL[:2], HARMLESS[:2], [5])
     assert ev(zero).kl == 0.0
+
+
+def test_pick_honours_either_bound_and_explains_when_none_fits():
+    from refusal_lens.abliteration.pipeline import pick
+
+    front = [{"kl": 0.001, "refusal_generated": 0.8}, {"kl": 0.05, "refusal_generated": 0.3},
+             {"kl": 0.5, "refusal_generated": 0.0}]  # fmt: skip
+    assert pick(front, max_kl=0.1, max_refusal=None) is front[1]
+    assert pick(front, max_kl=None, max_refusal=0.3) is front[1]
+    assert pick(front, max_kl=None, max_refusal=0.0) is front[2]
+    with pytest.raises(UserError, match="lowest is 0.0010"):
+        pick(front, max_kl=1e-4, max_refusal=None)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_starting_at_the_first_edited_layer_gives_the_full_forwards_scores(family, tokenizer):
+    model = random_model(family, n_layers=4)
+    fmt = ChatFormatter(tokenizer)
+    ds = DirectionSet.from_prompts(model, fmt, HARMFUL, HARMLESS)
+    cached = Evaluator(model, fmt, HARMFUL, HARMLESS, [5, 6], batch_size=4)
+    full = Evaluator(model, fmt, HARMFUL, HARMLESS, [5, 6], batch_size=4, cache_bytes=0)
+    assert cached.resid is not None and full.resid is None
+    late = Point(2.0, "global", False, Kernel(1.0, 3, 1, 0.5), OFF_KERNEL).plan(ds)  # first edit at layer 2
+    a, b = cached(late), full(late)
+    assert b.kl > 1e-7
+    assert a.refusal == pytest.approx(b.refusal, rel=1e-4, abs=1e-9) and a.kl == pytest.approx(b.kl, rel=1e-3)
+
+
+OFF_KERNEL = Kernel(0.0, 0.0, 0.0, 0.0)

@@ -5,8 +5,11 @@
 * KL: batch-mean KL(original ‖ edited) of the first-token distributions on harmless prompts.
 
 Both need one forward pass per batch with only the last position's logits. Prompts are sorted by length
-before batching, so little compute goes to padding. :func:`generated_refusals` checks a point the expensive
-way (greedy replies, substring judge), for the final front only.
+before batching, so little compute goes to padding. Where the family allows it (``FamilySpec.exact_tail``) the
+original residual stream entering every layer is kept from the first pass, and a plan whose first edited layer is
+``l`` runs only layers ``l..L-1`` from it: the layers before ``l`` compute exactly what they computed before.
+:func:`generated_refusals` checks a point the expensive way (greedy replies, substring judge), for the final
+front only.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.adapters import get_adapter
+from ..core.hooks import site_hooks
 from ..core.models import input_device
 from ..core.prompts import ChatFormatter
 from ..direction.scoring import is_refusal_text
@@ -53,34 +58,68 @@ class Evaluator:
         batch_size: int = 32,
         norm_preserving: bool = False,
         force: bool = False,
+        cache_bytes: int = 1 << 30,
     ):
         self.model, self.formatter = model, formatter
+        self.adapter = get_adapter(model)
         self.ids = list(refusal_ids)
         self.norm_preserving, self.force = norm_preserving, force
         device = input_device(model)
         self.harmful = _length_sorted_batches(formatter, harmful, batch_size, device)
         self.harmless = _length_sorted_batches(formatter, harmless, batch_size, device)
+        tokens = sum(b["input_ids"].numel() for b in self.harmful + self.harmless)
+        size = tokens * self.adapter.n_layers * self.adapter.d_model * next(model.parameters()).element_size()
+        self.resid: dict[int, list[torch.Tensor]] | None = None
+        if self.adapter.spec.exact_tail and size <= cache_bytes:
+            self.resid = self._capture(self.harmful + self.harmless)
         self.base_logp = torch.log_softmax(self._logits(self.harmless).double(), -1)
         self.base = self._score_current()
         self.calls = 0
 
     @torch.no_grad()
-    def _logits(self, batches: list[dict]) -> torch.Tensor:
-        out = [self.model(**b, use_cache=False, logits_to_keep=1).logits[:, -1].float().cpu() for b in batches]
+    def _capture(self, batches: list[dict]) -> dict[int, list[torch.Tensor]]:
+        """The original ``resid_pre`` of every layer for every batch (keyed by the batch's id)."""
+        out: dict[int, list[torch.Tensor]] = {}
+        current: dict[int, torch.Tensor] = {}
+
+        def keep(layer: int):
+            return lambda x: current.__setitem__(layer, x.detach().clone())
+
+        fns = {(layer, "resid_pre"): keep(layer) for layer in range(self.adapter.n_layers)}
+        with site_hooks(self.model, fns, self.adapter):
+            for b in batches:
+                self.model(**b, use_cache=False, logits_to_keep=1)
+                out[id(b)] = [current[layer] for layer in range(self.adapter.n_layers)]
+        return out
+
+    @torch.no_grad()
+    def _logits(self, batches: list[dict], first: int = 0) -> torch.Tensor:
+        out = []
+        for b in batches:
+            if first > 0 and self.resid is not None:
+                tail = {"inputs_embeds": self.resid[id(b)][first], "attention_mask": b["attention_mask"],
+                        "position_ids": b["position_ids"]}  # fmt: skip
+                with self.adapter.tail_layers(first):
+                    logits = self.model(**tail, use_cache=False, logits_to_keep=1).logits
+            else:
+                logits = self.model(**b, use_cache=False, logits_to_keep=1).logits
+            out.append(logits[:, -1].float().cpu())
         return torch.cat(out)
 
-    def _score_current(self) -> Scores:
-        probs = torch.softmax(self._logits(self.harmful).double(), -1)
+    def _score_current(self, first: int = 0) -> Scores:
+        probs = torch.softmax(self._logits(self.harmful, first).double(), -1)
         refusal = probs[:, self.ids].sum(-1)
         argmax_refuses = torch.isin(probs.argmax(-1), torch.tensor(self.ids))
-        logq = torch.log_softmax(self._logits(self.harmless).double(), -1)
+        logq = torch.log_softmax(self._logits(self.harmless, first).double(), -1)
         kl = (self.base_logp.exp() * (self.base_logp - logq)).sum(-1).clamp_min(0)
         return Scores(float(refusal.mean()), float(argmax_refuses.double().mean()), float(kl.mean()))
 
     def __call__(self, plan: AblationPlan) -> Scores:
         self.calls += 1
+        layers = [0 if layer is None else layer for _, layer, _, _ in plan.sites()]
+        first = min(layers, default=0)  # layers before the first edit compute what they did originally
         with edited_weights(self.model, plan, self.norm_preserving, self.force):
-            return self._score_current()
+            return self._score_current(first)
 
 
 def generated_refusals(

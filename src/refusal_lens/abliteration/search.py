@@ -125,8 +125,8 @@ class Checkpoint:
 
 @dataclass
 class SearchConfig:
-    n_directions: int = 2
-    """Directions (from phase 1) whose layer kernels are searched."""
+    n_directions: int = 1
+    """Directions (from phase 1) whose layer kernels are searched (the refinement still moves the index)."""
     tradeoffs: tuple[float, ...] = (3.0, 10.0, 30.0, 100.0)
     """Weights β of KL against refusal in the refinement phase (minimise refusal + β·KL for each)."""
     refine_rounds: int = 3
