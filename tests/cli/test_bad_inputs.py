@@ -100,6 +100,12 @@ CASES: list[tuple[str, list[str], str]] = [
     ("evaluate-judge-mode", ["evaluate", "--out", "o", "--judge-mode", "x"], "--judge-mode"),
     ("evaluate-device-cuda7", ["evaluate", "--out", "o", "--device", "cuda:7"], "cuda:7"),
     # upstream
+    # abliterate
+    ("abliterate-out-nonempty", ["abliterate", "--out", "keep"], "--overwrite"),
+    ("abliterate-out-contains-prompts", ["abliterate", *M, *H, "--out", "p"], "p/harmful.json"),
+    ("abliterate-max-kl-nan", ["abliterate", "--max-kl", "nan", "--out", "o"], "--max-kl"),
+    ("abliterate-max-refusal-2", ["abliterate", "--max-refusal", "2", "--out", "o"], "--max-refusal"),
+    ("abliterate-unknown-export", ["abliterate", "--export", "onnx", "--out", "o"], "--export"),
     ("upstream-empty-prompt", ["upstream", "--prompt", "", "--out", "o"], "--prompt"),
     ("upstream-blank-prompt", ["upstream", "--prompt", "   ", "--out", "o"], "--prompt"),
     ("upstream-top-0", ["upstream", "--prompt", "hi", "--top", "0", "--out", "o"], "--top"),
@@ -156,7 +162,8 @@ FAST = {
     "ortho-out-is-model", "ortho-zero-direction", "ortho-truncated-shard", "ortho-out-is-file",
     "evaluate-coeff-nan", "evaluate-top-p-2", "evaluate-temperature-negative", "evaluate-out-contains-direction",
     "upstream-empty-prompt", "sae-train-tokens-negative", "sae-eval-out-exists", "sae-decompose-out-nonempty",
-    "demo-out-nonempty", "organism-artifacts-needs-checkpoint", "report-out-exists",
+    "demo-out-nonempty", "organism-artifacts-needs-checkpoint", "report-out-exists", "abliterate-out-nonempty",
+    "abliterate-max-refusal-2",
 }  # fmt: skip
 PARAMS = [pytest.param(c, id=c[0], marks=() if c[0] in FAST else pytest.mark.slow) for c in CASES]
 

@@ -82,8 +82,13 @@ def write_outputs(
     options: dict[str, Any],
     norm_preserving: bool = False,
     force: bool = False,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> dict[str, Any]:
-    """Build ``out_dir`` atomically (edits ``model`` in place at the end); returns the summary JSON."""
+    """Build ``out_dir`` atomically (edits ``model`` in place at the end); returns the summary JSON.
+
+    A non-empty ``out_dir`` is replaced only with ``overwrite``; one overlapping ``inputs`` is always refused.
+    """
     plan = result.point.plan(result.directions)
     chosen = result.chosen
     summary: dict[str, Any] = {
@@ -94,7 +99,7 @@ def write_outputs(
         "front": result.front,
         **{k: v for k, v in result.info.items() if k not in ("baseline", "checked")},
     }
-    with staging_dir(out_dir) as stage:
+    with staging_dir(out_dir, overwrite, inputs) as stage:
         exported: dict[str, Any] = {}
         if "lora" in exports:  # from the original weights, before the merge below edits them
             exported["lora"] = save_lora(model, plan, stage / "lora", norm_preserving)

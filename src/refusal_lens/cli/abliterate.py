@@ -13,13 +13,15 @@ from pathlib import Path
 
 from ..abliteration.outputs import EXPORTS, write_outputs
 from ..abliteration.pipeline import AbliterateConfig, abliterate
-from ..core.config_args import add_dataclass_arguments, dataclass_from_args
+from ..core.config_args import add_dataclass_arguments, dataclass_from_args, number
 from ..core.errors import UserError
 from ..direction.scoring import parse_refusal_tokens
 from .common import (
     add_model_arguments,
+    add_overwrite_argument,
     add_prompt_arguments,
     chat_template_from_args,
+    check_out,
     load_model_from_args,
     resolve_prompts,
 )
@@ -29,12 +31,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_prompt_arguments(p)
     p.add_argument("--out", required=True, help="output folder: the chosen point's merged checkpoint, front.json, ...")
+    add_overwrite_argument(p)
     pick = p.add_mutually_exclusive_group()
     pick.add_argument(
-        "--max-kl", type=float, default=None, help="pick the fewest refusals with KL <= this (default 0.02)"
+        "--max-kl", type=number(float, 0), default=None, help="pick the fewest refusals with KL <= this (default 0.02)"
     )
     pick.add_argument(
-        "--max-refusal", type=float, default=None, help="pick the lowest KL with refusal rate <= this (0..1)"
+        "--max-refusal",
+        type=number(float, 0, 1),
+        default=None,
+        help="pick the lowest KL with refusal rate <= this (0..1)",
     )
     p.add_argument("--export", default="", help=f"comma-separated extra exports: {', '.join(EXPORTS)}")
     p.add_argument(
@@ -56,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [e for e in exports if e not in EXPORTS]
     if unknown:
         raise UserError(f"--export {','.join(unknown)} is unknown; choose from {', '.join(EXPORTS)}.")
+    inputs = check_out(args)  # before any work: an --out that would lose data is refused
     for name in ("max_kl", "max_refusal"):
         value = getattr(args, name)
         if value is not None and not value >= 0:
@@ -85,13 +92,13 @@ def run(args: argparse.Namespace) -> int:
         refusal_ids=ids,
         max_kl=args.max_kl,
         max_refusal=args.max_refusal,
-        progress=not args.no_progress,
+        progress=not (args.no_progress or args.quiet),
         force=args.force,
     )
     options = {k: v for k, v in vars(args).items() if not k.startswith("_") and not callable(v)}
     summary = write_outputs(
         out, model, tokenizer, result, checkpoint, exports, ["refusal-lens", *sys.argv[1:]], options,
-        cfg.norm_preserving, args.force,
+        cfg.norm_preserving, args.force, overwrite=args.overwrite, inputs=inputs,
     )  # fmt: skip
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "front"} | {"front": summary["front"]}, indent=2))
