@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.errors import UserError
 from ..core.models import model_name
+from ..core.progress import progress_bar
 from ..core.prompts import ChatFormatter
 from ..direction.scoring import detect_refusal_tokens
 from ..direction.variants import DirectionSet
@@ -168,7 +168,7 @@ def abliterate(
     front = pareto_front(rows)
     checked = []
     base_n, _ = generated_refusals(model, tokenizer, fmt, hf_search, None, cfg.check_tokens, cfg.batch_size)
-    for row in tqdm(_to_check(front, cfg.check_points, max_kl, max_refusal), desc="check front", disable=not progress):
+    for row in progress_bar(_to_check(front, cfg.check_points, max_kl, max_refusal), desc="check front", disable=not progress):
         plan = Point.from_json(row["point"]).plan(directions)
         n, _ = generated_refusals(
             model, tokenizer, fmt, hf_search, plan, cfg.check_tokens, cfg.batch_size, cfg.norm_preserving, force

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..core.errors import UserError
+from ..core.progress import progress_bar
 from ..direction.strengths import AblationPlan
 from ..direction.variants import DirectionSet
 from .objectives import Scores
@@ -154,7 +154,7 @@ class Search:
         self.directions, self.evaluate, self.checkpoint = directions, evaluate, checkpoint
         self.cfg = config or SearchConfig()
         self.L = directions.n_layers
-        self.bar = tqdm(total=self.cfg.max_evaluations, desc="abliterate search", disable=not progress)
+        self.bar = progress_bar(total=self.cfg.max_evaluations, desc="abliterate search", disable=not progress)
         self.on_point = on_point
         self.order: list[dict[str, Any]] = []  # rows in the order this run visited them
         self.t0 = time.perf_counter()
