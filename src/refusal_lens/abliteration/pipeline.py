@@ -168,7 +168,8 @@ def abliterate(
     front = pareto_front(rows)
     checked = []
     base_n, _ = generated_refusals(model, tokenizer, fmt, hf_search, None, cfg.check_tokens, cfg.batch_size)
-    for row in progress_bar(_to_check(front, cfg.check_points, max_kl, max_refusal), desc="check front", disable=not progress):
+    to_check = _to_check(front, cfg.check_points, max_kl, max_refusal)
+    for row in progress_bar(to_check, desc="check front", disable=not progress):
         plan = Point.from_json(row["point"]).plan(directions)
         n, _ = generated_refusals(
             model, tokenizer, fmt, hf_search, plan, cfg.check_tokens, cfg.batch_size, cfg.norm_preserving, force
