@@ -59,16 +59,19 @@ def load_prompts(
     return finish_prompts([Prompt(r["instruction"], r.get("category")) for r in records], text, n, seed)
 
 
-def train_organism(out: Path, seed: int = 0, steps: int | None = None, quiet: bool = False) -> dict[str, Any]:
+def train_organism(
+    out: Path, seed: int = 0, steps: int | None = None, quiet: bool = False, **options: Any
+) -> dict[str, Any]:
     """Train an organism with ``seed`` (and optionally a different total number of ``steps``) into ``out``.
 
     Returns the content of the ``organism.json`` written beside the weights (recipe, corpus manifest,
-    training log, measured refusal rates).
+    training log, measured refusal rates). ``options`` go to :func:`.train.train_organism` (``overwrite``,
+    ``inputs``, ``measure``).
     """
     # Imported lazily: training pulls in tokenizers and the model code, which plain corpus users don't need.
     from .train import train_organism as _train
 
-    return _train(Path(out), seed=seed, steps=steps, quiet=quiet)
+    return _train(Path(out), seed=seed, steps=steps, quiet=quiet, **options)
 
 
 def shipped_direction() -> Path:
