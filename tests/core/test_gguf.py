@@ -117,3 +117,21 @@ def test_console_script_explains_a_folder_without_model(tmp_path):
     )
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "no config.json (nor a .gguf file)" in run.stderr
+
+
+def test_threads_default_to_one_for_small_models_and_follow_the_option(monkeypatch, llama):
+    import torch
+
+    from refusal_lens.core.models import choose_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert choose_threads(None, llama) == 1 == torch.get_num_threads()
+        assert choose_threads(2, llama) == 2 == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert choose_threads(None, llama) == 3
+        with pytest.raises(UserError, match="--threads 0"):
+            choose_threads(0)
+    finally:
+        torch.set_num_threads(before)

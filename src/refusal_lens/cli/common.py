@@ -6,7 +6,7 @@ import argparse
 
 from ..core.data import Prompt
 from ..core.errors import UserError
-from ..core.models import load_model
+from ..core.models import choose_threads, load_model
 from ..core.prompts import read_chat_template
 from ..organism import load_prompts
 
@@ -22,6 +22,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="split the model over devices with accelerate: auto, balanced, sequential, or a JSON object "
         "mapping module names to devices (overrides --device; needs pip install accelerate)",
     )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else 1 for models under 1B parameters)",
+    )
     g.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
     g.add_argument("--system", default=None, help="system prompt placed before each instruction")
     g.add_argument(
@@ -32,13 +38,17 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_model_from_args(args: argparse.Namespace) -> tuple[object, object]:
-    return load_model(
+    threads = getattr(args, "threads", None)
+    choose_threads(threads)  # loading runs on CPU threads too
+    model, tokenizer = load_model(
         args.model,
         dtype=args.dtype,
         device=args.device,
         device_map=args.device_map,
         trust_remote_code=args.trust_remote_code,
     )
+    choose_threads(threads, model)
+    return model, tokenizer
 
 
 def chat_template_from_args(args: argparse.Namespace) -> str | None:

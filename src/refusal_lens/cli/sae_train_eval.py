@@ -64,6 +64,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="HF model folder or hub id (default: the built-in organism)")
     g.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16, float16)")
     g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else 1 for models under 1B parameters)",
+    )
+    g.add_argument(
         "--device",
         default=None,
         help="model device, e.g. cuda:0 (default: cpu); under torchrun, 'cuda' means cuda:LOCAL_RANK",
@@ -120,7 +126,7 @@ def rank_device(device: str | None, env: dict[str, str] | None = None) -> str | 
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    from ..core.models import is_organism_model, load_model
+    from ..core.models import choose_threads, is_organism_model, load_model
 
     if getattr(args, "data_file", None) is None and not is_organism_model(args.model):
         raise UserError(
@@ -129,7 +135,10 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
             "{'instruction','reply'} records."
         )
     device_map = getattr(args, "device_map", None)
-    return load_model(args.model, dtype=args.dtype, device=rank_device(args.device), device_map=device_map)
+    choose_threads(getattr(args, "threads", None))
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=rank_device(args.device), device_map=device_map)
+    choose_threads(getattr(args, "threads", None), model)
+    return model, tokenizer
 
 
 def run_train(args: argparse.Namespace) -> int:

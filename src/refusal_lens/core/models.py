@@ -177,6 +177,29 @@ def model_name(model: nn.Module) -> str:
     return str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
 
 
+SMALL_MODEL_PARAMS = 1_000_000_000
+"""Below this, CPU forwards use one thread by default: small matrices gain little from more, and on a shared
+machine a second thread that has to wait for a busy core made generation 20-30x slower (issue #15)."""
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def choose_threads(requested: int | None, model: nn.Module | None = None) -> int:
+    """Set torch's CPU threads: ``--threads`` if given, else ``OMP_NUM_THREADS`` if set, else 1 for models under
+    :data:`SMALL_MODEL_PARAMS` parameters (or before one is loaded) and torch's default for larger ones."""
+    if requested is not None:
+        if requested < 1:
+            raise UserError(f"--threads {requested} must be at least 1.")
+        n = requested
+    elif os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        n = max(1, int(os.environ["OMP_NUM_THREADS"]))
+    elif model is not None and sum(p.numel() for p in model.parameters()) >= SMALL_MODEL_PARAMS:
+        n = _TORCH_DEFAULT_THREADS
+    else:
+        n = 1
+    torch.set_num_threads(n)
+    return n
+
+
 def model_provenance(model: nn.Module) -> dict:
     """What to record about a model in an artifact: its name, and for a GGUF file its sha256 and quantization."""
     info: dict = {"model": model_name(model)}

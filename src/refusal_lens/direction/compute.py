@@ -31,7 +31,8 @@ from ..core.io import atomic_save_safetensors, atomic_write_json, load_safetenso
 from ..core.models import model_provenance
 from ..core.prompts import ChatFormatter
 from .activations import mean_activations
-from .scoring import detect_refusal_tokens, last_logits, refusal_score_from_logits
+from .refusal_fit import RefusalScore, barely_refuses, fit_refusal_score
+from .scoring import last_logits
 from .selection import SelectionConfig, SelectionResult, fallback_without_induce, select_direction
 
 ARTIFACT_VERSION = 1
@@ -126,6 +127,9 @@ class DirectionConfig:
     """Skip selection and use this post-instruction position (negative, -1 = last token)."""
     fallback_drop_induce: bool = False
     """If no candidate passes, use the best one that fails only the induce filter (flagged in the output)."""
+    refusal_score: str = "auto"
+    """paper (log-odds of refusal tokens), contrast (refusal vs compliance tokens) or auto (contrast when the
+    refusal tokens also open harmless answers); fitted on the model's own replies, reported in direction.json."""
     selection: SelectionConfig = field(default_factory=SelectionConfig)
 
 
@@ -140,9 +144,9 @@ def _split_val(items: Sequence[str], n_train: int, n_val: int, seed: int) -> tup
 
 
 def _keep_by_behaviour(
-    model: nn.Module, fmt: ChatFormatter, prompts: list[str], ids: list[int], refuse: bool, bs: int
+    model: nn.Module, fmt: ChatFormatter, prompts: list[str], score: RefusalScore, refuse: bool, bs: int
 ) -> list[str]:
-    scores = refusal_score_from_logits(last_logits(model, fmt, prompts, bs), ids)
+    scores = score(last_logits(model, fmt, prompts, bs))
     return [p for p, s in zip(prompts, scores) if (s > 0) == refuse]
 
 
@@ -183,21 +187,27 @@ def compute_direction(
         "harmful_val": sample(harmful_val, cfg.n_val, cfg.seed),
         "harmless_val": sample(harmless_val, cfg.n_val, cfg.seed),
     }
-    ids = (
-        list(refusal_tokens)
-        if refusal_tokens
-        else detect_refusal_tokens(model, fmt, sets["harmful_train"], sets["harmless_train"])
-    )
+    if refusal_tokens:
+        names = [tokenizer.decode([i]) for i in refusal_tokens]
+        score = RefusalScore("paper", list(refusal_tokens), refusal_tokens=names, why="--refusal-tokens given")
+    else:
+        score = fit_refusal_score(model, fmt, sets["harmful_train"], sets["harmless_train"], cfg.refusal_score)
+        problem = barely_refuses(score)
+        if problem:
+            raise UserError(problem)
+    if progress:
+        print(score.describe())
+    ids = score.refusal_ids
     counts_before = {k: len(v) for k, v in sets.items()}
     if cfg.filter_data:
         for key in sets:
-            kept = _keep_by_behaviour(model, fmt, sets[key], ids, key.startswith("harmful"), cfg.batch_size)
+            kept = _keep_by_behaviour(model, fmt, sets[key], score, key.startswith("harmful"), cfg.batch_size)
             if len(kept) < 2:
                 what = "refuses" if key.startswith("harmful") else "answers"
                 raise UserError(
-                    f"the model {what} only {len(kept)} of {len(sets[key])} {key.replace('_', ' ')} prompts, "
-                    "too few to estimate a direction; check the refusal tokens (--refusal-tokens) or pass "
-                    "--no-filter-data."
+                    f"by the refusal score ({score.method}: {score.refusal_tokens}) the model {what} only {len(kept)} "
+                    f"of {len(sets[key])} {key.replace('_', ' ')} prompts, too few to estimate a direction; try "
+                    "--refusal-score contrast, --refusal-tokens, or --no-filter-data."
                 )
             sets[key] = kept
     mean_harmful = mean_activations(
@@ -219,6 +229,7 @@ def compute_direction(
         system_prompt=system,
         refusal_token_ids=ids,
         refusal_tokens=tokenizer_tokens,
+        refusal_score=score.to_json(),
         data=data_info or {},
         counts_sampled=counts_before,
         counts_after_filter={k: len(v) for k, v in sets.items()},
@@ -233,7 +244,7 @@ def compute_direction(
         chosen = Direction(vec, cfg.layer, pos, candidates.float(), {**info, "selected_by": "user"})
         return DirectionResult(chosen, None, candidates.float(), info)
     selection = select_direction(
-        model, fmt, candidates, sets["harmful_val"], sets["harmless_val"], ids, cfg.selection, progress
+        model, fmt, candidates, sets["harmful_val"], sets["harmless_val"], ids, cfg.selection, progress, score
     )
     info["selection"] = selection.to_json()
     c = selection.chosen

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -116,8 +116,13 @@ def select_direction(
     refusal_ids: Sequence[int],
     config: SelectionConfig | None = None,
     progress: bool = True,
+    score: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SelectionResult:
-    """Score every candidate of ``candidates [n_pos, n_layers, d]`` and choose one (see module doc)."""
+    """Score every candidate of ``candidates [n_pos, n_layers, d]`` and choose one (see module doc).
+
+    ``score(logits) -> per-row refusal score`` replaces the paper's log-odds of ``refusal_ids`` (e.g. a
+    :class:`~refusal_lens.direction.refusal_fit.RefusalScore` contrast).
+    """
     t_start = time.perf_counter()
     cfg = config or SelectionConfig()
     n_pos, n_layers, _ = candidates.shape
@@ -125,7 +130,7 @@ def select_direction(
     passes = Passes(model, cfg.batch_size)
 
     def refusal_row(idx: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return refusal_score_from_logits(logits, refusal_ids)
+        return score(logits) if score is not None else refusal_score_from_logits(logits, refusal_ids)
 
     scores: dict[tuple[int, int], CandidateScore] = {}
     max_layer = int(cfg.max_layer_fraction * n_layers)
