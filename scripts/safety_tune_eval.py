@@ -37,8 +37,8 @@ def prompt_sets(data: Path, n_harmful: int, n_harmless: int, n_borderline: int) 
     jbb = [p.instruction for p in load_prompts(data / "processed" / "jailbreakbench.json")]
     alpaca = [p.instruction for p in load_prompts(data / "splits" / "harmless_test.json")]
     return {
-        "jailbreakbench": sample(jbb, n_harmful, 0),
-        "alpaca_test": sample(alpaca, n_harmless, 0),
+        "jailbreakbench": sample(jbb, n_harmful, 0) if n_harmful else [],
+        "alpaca_test": sample(alpaca, n_harmless, 0) if n_harmless else [],
         "borderline_test": list(BORDERLINE_TEST[:n_borderline]),
     }
 
@@ -66,6 +66,8 @@ def main() -> None:
     summary: dict = {"model": model_provenance(model), "system": args.system, "settings": settings.to_json()}
     records = []
     for name, prompts in prompt_sets(args.data, args.n_harmful, args.n_harmless, args.n_borderline).items():
+        if not prompts:  # --n-... 0: skip the set (e.g. CE only)
+            continue
         t = time.perf_counter()
         done = generate(model, tok, prompts, settings=settings, formatter=fmt, prompt_set=name, progress=False)
         replies = [c.completion for c in done]

@@ -76,3 +76,22 @@ def test_merged_adapter_equals_the_hooked_one_and_survives_saving(tmp_path, toke
     with torch.no_grad():
         merged = model(input_ids=ids).logits
     torch.testing.assert_close(merged, hooked, atol=1e-5, rtol=1e-4)
+
+
+def test_kl_loss_is_zero_for_a_fresh_adapter_and_ce_matches_a_float64_recomputation(tokenizer):
+    """B = 0 leaves the model unchanged: the KL rows contribute exactly 0 and the CE rows the model's own loss."""
+    from refusal_lens.organism.safety_tune import _batch, reply_loss
+
+    model = random_model("llama", n_layers=2, d_model=32)
+    fmt = ChatFormatter(tokenizer)
+    examples = build_examples(fmt, HARMFUL[:2], [(HARMLESS[0], [5, 6, 7], "harmless")], seed=0)
+    batch = _batch(examples, tokenizer.pad_token_id)
+    adapter = init_adapter(model, ("q_proj",), rank=2, seed=0)
+    all_kl = reply_loss(model, batch, adapter, torch.tensor([True, True, True]))
+    assert float(all_kl.detach()) == pytest.approx(0.0, abs=1e-6)
+    mixed = reply_loss(model, batch, adapter, torch.tensor([False, False, True]))
+    logits = model.double()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    keep = batch["labels"] != -100
+    ce = torch.nn.functional.cross_entropy(logits[keep], batch["labels"][keep], reduction="none")
+    ce[-3:] = 0.0  # the KL row's tokens (last row, right-padded: its tokens come last in row-major order)
+    assert float(mixed.detach()) == pytest.approx(float(ce.sum() / keep.sum()), rel=1e-4)

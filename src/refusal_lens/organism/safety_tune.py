@@ -62,6 +62,9 @@ class SafetyTuneConfig:
     """AdamW weight decay on the LoRA factors."""
     seed: int = 0
     """Seed of the prompt samples, the refusal variants, the LoRA initialisation and the batch order."""
+    helpful_loss: str = "ce"
+    """Loss on harmless/borderline replies: ce (their greedy tokens) or kl (KL to the original model's whole
+    next-token distribution on those replies; one extra forward per step)."""
 
 
 def end_of_reply_id(tokenizer: Any, formatter: ChatFormatter) -> int:
@@ -101,25 +104,28 @@ def greedy_replies(
 def cached_replies(
     model: nn.Module, formatter: ChatFormatter, prompts: Sequence[str], max_new_tokens: int, cache: Path | None
 ) -> list[list[int]]:
-    """:func:`greedy_replies`, stored in ``cache`` (JSON) keyed by the model, template and prompts."""
+    """:func:`greedy_replies`, stored per prompt in ``cache`` (one JSON file per model, template and reply length),
+    so a larger sample only generates the prompts it adds. Greedy replies do not depend on the batch they ran in
+    beyond float rounding of padded batches; the cache keeps the first reply computed for each prompt."""
     from ..core.models import model_provenance
 
-    key_src = json.dumps(
-        [model_provenance(model), formatter.format("X"), list(prompts), max_new_tokens], sort_keys=True
-    )
+    key_src = json.dumps([model_provenance(model), formatter.format("X"), max_new_tokens], sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     path = cache / f"replies-{key}.json" if cache is not None else None
+    known: dict[str, list[int]] = {}
     if path is not None and path.is_file():
         data = read_json(path, "cached replies")
-        if data.get("prompts") == list(prompts):
-            return data["reply_ids"]
-    replies = greedy_replies(model, formatter, prompts, max_new_tokens)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        texts = [formatter.tokenizer.decode(r, skip_special_tokens=True) for r in replies]
-        atomic_write_json(path, {"prompts": list(prompts), "reply_ids": replies, "replies": texts,
-                                 "max_new_tokens": max_new_tokens})  # fmt: skip
-    return replies
+        known = dict(zip(data.get("prompts", []), data.get("reply_ids", [])))
+    missing = list(dict.fromkeys(p for p in prompts if p not in known))
+    if missing:
+        known.update(zip(missing, greedy_replies(model, formatter, missing, max_new_tokens)))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            names = list(known)
+            texts = [formatter.tokenizer.decode(known[n], skip_special_tokens=True) for n in names]
+            atomic_write_json(path, {"prompts": names, "reply_ids": [known[n] for n in names], "replies": texts,
+                                     "max_new_tokens": max_new_tokens})  # fmt: skip
+    return [known[p] for p in prompts]
 
 
 @dataclass
@@ -163,12 +169,33 @@ def _batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def reply_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the reply tokens; the vocabulary projection runs on those positions only."""
+def _reply_logits(model: nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """Logits at the counted positions only (the vocabulary projection is the costly part)."""
     hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return model.get_output_embeddings()(hidden[keep]).float()
+
+
+def reply_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], adapter: LoraAdapter | None = None, kl_rows: Any = None
+) -> torch.Tensor:
+    """Mean per-token loss over the reply tokens: cross-entropy of the target tokens, except in ``kl_rows``
+    (a bool per row), where it is KL(original || tuned) of the whole next-token distribution -- the original
+    model's own reply distribution as the target (the original is the model without ``adapter``'s hooks)."""
     keep = batch["labels"] != -100
-    logits = model.get_output_embeddings()(hidden[keep])
-    return nn.functional.cross_entropy(logits.float(), batch["labels"][keep])
+    if adapter is None:
+        return nn.functional.cross_entropy(_reply_logits(model, batch, keep), batch["labels"][keep])
+    soft = kl_rows[:, None].expand_as(keep)[keep] if kl_rows is not None else torch.zeros(int(keep.sum()), dtype=bool)
+    ref = None
+    if soft.any():
+        with torch.no_grad():
+            ref = torch.log_softmax(_reply_logits(model, batch, keep)[soft], -1)
+    with lora_attached(model, adapter):
+        logits = _reply_logits(model, batch, keep)
+    losses = nn.functional.cross_entropy(logits, batch["labels"][keep], reduction="none")
+    if ref is not None:
+        kl = nn.functional.kl_div(torch.log_softmax(logits[soft], -1), ref, log_target=True, reduction="none")
+        losses = losses.masked_scatter(soft, kl.sum(-1))
+    return losses.mean()
 
 
 def train_adapter(
@@ -179,24 +206,26 @@ def train_adapter(
     adapter = init_adapter(model, targets, cfg.rank, cfg.alpha, cfg.seed)
     opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
+    if cfg.helpful_loss not in ("ce", "kl"):
+        raise UserError(f"--helpful-loss {cfg.helpful_loss!r}: choose ce or kl.")
     rng = random.Random(cfg.seed + 1)
     order: list[int] = []
     losses = []
-    with lora_attached(model, adapter):
-        for step in range(cfg.steps):
-            if len(order) < cfg.batch_size:  # a fresh seeded permutation per epoch
-                perm = list(range(len(examples)))
-                rng.shuffle(perm)
-                order += perm
-            chosen, order = order[: cfg.batch_size], order[cfg.batch_size :]
-            loss = reply_loss(model, _batch([examples[i] for i in chosen], pad_id))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            if log is not None:
-                log(f"step {step + 1}/{cfg.steps} loss {losses[-1]:.4f}")
+    for step in range(cfg.steps):
+        if len(order) < cfg.batch_size:  # a fresh seeded permutation per epoch
+            perm = list(range(len(examples)))
+            rng.shuffle(perm)
+            order += perm
+        chosen, order = [examples[i] for i in order[: cfg.batch_size]], order[cfg.batch_size :]
+        kl_rows = torch.tensor([cfg.helpful_loss == "kl" and e.kind != "harmful" for e in chosen])
+        loss = reply_loss(model, _batch(chosen, pad_id), adapter, kl_rows)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if log is not None:
+            log(f"step {step + 1}/{cfg.steps} loss {losses[-1]:.4f}")
     for t in adapter.parameters():
         t.requires_grad_(False)
     return adapter, losses
