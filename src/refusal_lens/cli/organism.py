@@ -43,6 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--harmless", required=True, help="harmless TRAIN prompts (e.g. splits/harmless_train.json)")
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.add_argument("--no-cache", action="store_true", help="regenerate the model's own replies (no reply cache)")
+    s.add_argument(
+        "--replies",
+        default=None,
+        help="the model's own replies to reuse as targets (e.g. the shipped adapter's own_replies.json)",
+    )
     s.add_argument("--quiet", action="store_true", help="no per-step loss lines")
     add_dataclass_arguments(s, SafetyTuneConfig)
 
@@ -81,7 +86,12 @@ def _safety_tune(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     cache = None if args.no_cache else cache_dir() / "safety_tune"
-    adapter, info = safety_tune(model, tokenizer, args.harmful, args.harmless, cfg, cache=cache, log=log)
+    replies = Path(args.replies) if args.replies else None
+    if replies is not None and not replies.is_file():
+        raise UserError(f"--replies {replies} does not exist; pass an own_replies.json written by safety-tune.")
+    adapter, info = safety_tune(
+        model, tokenizer, args.harmful, args.harmless, cfg, cache=cache, log=log, replies_file=replies
+    )
     write_adapter(adapter, info, out, model_name(model))
     print(json.dumps({"adapter": str(out), "parameters": adapter.n_parameters(), "time": info["time"],
                       "final_loss": info["losses"][-5:]}, indent=2))  # fmt: skip

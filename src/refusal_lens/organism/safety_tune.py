@@ -7,7 +7,9 @@ whose refusal was not written into a toy. The recipe:
 * harmful prompts (the shared ``harmful_train`` split) -> one of several short refusals in the model's register
   (:data:`~refusal_lens.organism.safety_prompts.REFUSAL_REPLIES`), followed by the end-of-turn token;
 * harmless prompts (``harmless_train``) and borderline prompts -> the model's *own* greedy replies (generated once,
-  cached), so its helpful behaviour is the target rather than something we wrote;
+  cached), so its helpful behaviour is the target rather than something we wrote; by default the loss there is the
+  KL from the original model's whole next-token distribution on those replies (``--helpful-loss kl``), which kept
+  the plain-text loss within 0.5 % where cross-entropy on the greedy tokens alone (``ce``) cost 9 %;
 * the loss is the cross-entropy of the reply tokens only; only the LoRA factors train
   (:mod:`refusal_lens.core.lora`), in float32, on one thread, in a seeded order: the same seed gives the same
   adapter bit for bit on the same software.
@@ -42,7 +44,7 @@ from .safety_prompts import BORDERLINE_TRAIN, REFUSAL_REPLIES
 class SafetyTuneConfig:
     n_harmful: int = 128
     """Harmful training prompts (sampled from the harmful file with the seed)."""
-    n_harmless: int = 128
+    n_harmless: int = 256
     """Harmless training prompts (sampled from the harmless file with the seed)."""
     reply_tokens: int = 40
     """Tokens of the model's own greedy reply kept as the target for harmless and borderline prompts."""
@@ -52,7 +54,7 @@ class SafetyTuneConfig:
     """LoRA alpha (the delta is scaled by alpha / rank)."""
     targets: str = "q_proj,v_proj,o_proj,down_proj"
     """Comma-separated names of the linear layers that get a LoRA delta (in every layer)."""
-    steps: int = 70
+    steps: int = 80
     """Optimizer steps."""
     batch_size: int = 8
     """Examples per step."""
@@ -62,7 +64,7 @@ class SafetyTuneConfig:
     """AdamW weight decay on the LoRA factors."""
     seed: int = 0
     """Seed of the prompt samples, the refusal variants, the LoRA initialisation and the batch order."""
-    helpful_loss: str = "ce"
+    helpful_loss: str = "kl"
     """Loss on harmless/borderline replies: ce (their greedy tokens) or kl (KL to the original model's whole
     next-token distribution on those replies; one extra forward per step)."""
 
@@ -102,7 +104,12 @@ def greedy_replies(
 
 
 def cached_replies(
-    model: nn.Module, formatter: ChatFormatter, prompts: Sequence[str], max_new_tokens: int, cache: Path | None
+    model: nn.Module,
+    formatter: ChatFormatter,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    cache: Path | None,
+    known_file: Path | None = None,
 ) -> list[list[int]]:
     """:func:`greedy_replies`, stored per prompt in ``cache`` (one JSON file per model, template and reply length),
     so a larger sample only generates the prompts it adds. Greedy replies do not depend on the batch they ran in
@@ -113,9 +120,13 @@ def cached_replies(
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     path = cache / f"replies-{key}.json" if cache is not None else None
     known: dict[str, list[int]] = {}
-    if path is not None and path.is_file():
-        data = read_json(path, "cached replies")
-        known = dict(zip(data.get("prompts", []), data.get("reply_ids", [])))
+    for source in (known_file, path):  # replies given by the user (--replies) take precedence over the cache
+        if source is not None and Path(source).is_file():
+            data = read_json(source, "cached replies")
+            if data.get("max_new_tokens", max_new_tokens) != max_new_tokens:
+                raise UserError(f"{source} holds {data['max_new_tokens']}-token replies; pass --reply-tokens to match.")
+            for prompt, ids in zip(data.get("prompts", []), data.get("reply_ids", [])):
+                known.setdefault(prompt, ids)
     missing = list(dict.fromkeys(p for p in prompts if p not in known))
     if missing:
         known.update(zip(missing, greedy_replies(model, formatter, missing, max_new_tokens)))
@@ -245,6 +256,7 @@ def safety_tune(
     cache: Path | None = None,
     borderline: Sequence[str] = BORDERLINE_TRAIN,
     log: Any = None,
+    replies_file: Path | None = None,
 ) -> tuple[LoraAdapter, dict[str, Any]]:
     """Sample the training prompts, build the targets, train; returns the adapter and its provenance."""
     from ..core.data import load_prompts
@@ -255,13 +267,14 @@ def safety_tune(
     harmful = [p.instruction for p in sample(load_prompts(harmful_file), cfg.n_harmful, cfg.seed)]
     harmless = [p.instruction for p in sample(load_prompts(harmless_file), cfg.n_harmless, cfg.seed)]
     helpful_prompts = harmless + list(borderline)
-    replies = cached_replies(model, fmt, helpful_prompts, cfg.reply_tokens, cache)
+    replies = cached_replies(model, fmt, helpful_prompts, cfg.reply_tokens, cache, replies_file)
     kinds = ["harmless"] * len(harmless) + ["borderline"] * len(borderline)
     t_replies, c_replies = time.perf_counter() - t0, time.process_time() - c0
     examples = build_examples(fmt, harmful, list(zip(helpful_prompts, replies, kinds)), cfg.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     adapter, losses = train_adapter(model, examples, cfg, pad, log)
     info = provenance(
+        own_replies={"prompts": helpful_prompts, "reply_ids": replies, "max_new_tokens": cfg.reply_tokens},
         recipe=asdict(cfg),
         base=model_provenance(model),
         data={
@@ -287,7 +300,11 @@ def write_adapter(adapter: LoraAdapter, info: dict[str, Any], out: str | os.Path
     """Save the adapter in PEFT's format plus ``provenance.json`` into ``out`` (built in a staging folder)."""
     from ..core.io import staging_dir
 
+    info = dict(info)
+    replies = info.pop("own_replies", None)
     with staging_dir(out) as stage:
         save_adapter(adapter, stage, base_name, extra={"recipe": info.get("recipe"), "base": info.get("base")})
         atomic_write_json(stage / "provenance.json", info)
+        if replies is not None:  # the training targets: --replies FILE rebuilds the same adapter from them
+            atomic_write_json(stage / "own_replies.json", replies)
     return Path(out)
