@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 ROWS = {"plain": "SmolLM2-135M-Instruct", "sys": "  + refusing system prompt", "safe": "smollm2-safe (LoRA)"}
-PAPER = ("| Llama-3-8B-Instruct (paper) | L12 | 0.95 | 0.00 | ≈1 (addition induces refusal) | — | "
-         "random: no effect | < 0.1 | CE +≈0.05 (orth.) |")  # fmt: skip
+PAPER = ("| Llama-3-8B-Instruct (paper, JailbreakBench n=100) | L12/32, pos −5 | 0.95 | 0.00 | ~0.01 → ~1.00 | "
+         "identical (App. E) | — (organism here: no change) | ≤ 0.1 (filter) | Pile 2.348 → 2.362 |")  # fmt: skip
 
 
 def rate(results: dict, cond: str, prompt_set: str) -> str:

@@ -5,6 +5,9 @@
 # on JailbreakBench and Alpaca test, and the same evaluation of a random direction of equal norm (ablate, add).
 #   PLAIN_TEXT=plain_text.json N=32 T=64 bash scripts/arditi_table.sh [ROW...]   (rows: safe sys plain)
 # then: python scripts/arditi_table.py results/arditi
+# On smollm2-safe no candidate passes the paper's filters (all fail KL <= 0.1 or induce >= 0); the table's row uses the
+# closest candidate by the paper's criterion (lowest bypass among those failing only induce):
+#   OUT=results/arditi-forced DIRECTION_ARGS="--layer 23 --position -5" ... bash scripts/arditi_table.sh safe
 # N prompts per set (paper: 100 JailbreakBench, 100 Alpaca) and T new tokens (paper: 128 or more): smaller here
 # to fit 2 shared CPU cores; the sizes used are recorded in each results.json.
 set -u
@@ -20,7 +23,8 @@ row() {  # name model [extra args...]
   local name=$1 model=$2; shift 2
   mkdir -p "$OUT/$name"
   echo "== $name: direction ($(date -u +%T))"
-  /usr/bin/time -f "direction wall %e s, cpu %U+%S s" $RL direction --model "$model" "$@" \
+  # shellcheck disable=SC2086  # DIRECTION_ARGS, e.g. "--layer 23 --position -5" when no candidate passes the filters
+  /usr/bin/time -f "direction wall %e s, cpu %U+%S s" $RL direction --model "$model" "$@" ${DIRECTION_ARGS:-} \
     --harmful "$S/splits/harmful_train.json" --harmless "$S/splits/harmless_train.json" \
     --harmful-val "$S/splits/harmful_val.json" --harmless-val "$S/splits/harmless_val.json" \
     --out "$OUT/$name/direction" >"$OUT/$name/direction.log" 2>&1
