@@ -49,8 +49,11 @@ def test_smollm2_safe_is_smollm2_plus_the_shipped_adapter(safe):
         with lora_attached(base, adapter):
             hooked = base(**batch).logits
         plain = base(**batch).logits
-    torch.testing.assert_close(merged, hooked, atol=2e-4, rtol=1e-4)
-    assert (merged - plain).abs().max() > 1.0  # the adapter changes the model
+    real = batch["attention_mask"].bool()  # padding positions are not compared (they attend to nothing real)
+    # float32: W + dW is rounded once per weight, the hook adds x·A·B separately; through 30 layers that leaves
+    # differences of ~1e-3 on logits of size ~10-20, while the adapter itself moves them by more than 1.
+    torch.testing.assert_close(merged[real], hooked[real], atol=2e-3, rtol=1e-3)
+    assert (merged[real] - plain[real]).abs().max() > 1.0  # the adapter changes the model
     prov = model_provenance(model)["lora_adapter"]
     shipped = (adapter_dir("smollm2-safe") / ADAPTER_FILE).read_bytes()
     assert prov["adapter_sha256"] == hashlib.sha256(shipped).hexdigest()
