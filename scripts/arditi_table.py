@@ -40,8 +40,10 @@ def same_tokens(folder: Path) -> str:
 
 
 def main(root: Path) -> None:
-    print("| model | layer, pos | harmful refused | after ablation | harmless refused after addition | orth = hooks |"
-          " random dir: ablation / addition | KL (ablation) | CE plain text: base → ablation / orth. |")
+    print(
+        "| model | layer, pos | harmful refused | after ablation | harmless refused after addition | orth = hooks |"
+        " random dir: ablation / addition | KL (ablation) | CE plain text: base → ablation / orth. |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     print(PAPER)
     for name, label in ROWS.items():
