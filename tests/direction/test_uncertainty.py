@@ -46,6 +46,9 @@ def test_incomplete_or_disallowed_candidates_are_never_chosen():
     assert boot["choice_frequency"] == {"a": 1.0} and boot["n_fully_scored"] == 1 and not boot["exact"]
     boot = bootstrap_selection(["a", "b"], per_prompt, n, n, [False, True], 0.1, 0.0, None, n_resamples=100)
     assert boot["none_passed_fraction"] == 1.0 and boot["choice_frequency"] == {}
+    assert (
+        boot["chosen_frequency"] is None and boot["stable"] is None and "no candidate passes in 100%" in boot["summary"]
+    )
 
 
 def test_selection_json_carries_the_bootstrap_of_its_own_per_prompt_scores(tokenizer):

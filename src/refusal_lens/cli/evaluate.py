@@ -253,12 +253,6 @@ def run(args: argparse.Namespace) -> int:
         sets["borderline"] = load_prompts(args.borderline or "organism:borderline:test", column=args.column)
     plain, pairs = _plain_texts(args), _pairs(args)
     missing = [f"--{n} FILE" for n, v in (("plain-text", plain), ("instruction-data", pairs)) if v is None]
-    if missing:  # stated, not silent: the organism's corpus is no stand-in for another model's data
-        print(
-            f"note: CE losses on {' and '.join(m.split()[0].removeprefix('--') for m in missing)} are not measured "
-            f"for this model; pass {' and '.join(missing)} (data for this model) to measure them.",
-            file=sys.stderr,
-        )
     settings = dataclass_from_args(EvalSettings, args)
     chosen = _interventions(args.intervention, args.direction is not None)
     llm_kwargs = _check_vllm(args, chosen) if args.backend == "vllm" else {}
@@ -277,6 +271,12 @@ def run(args: argparse.Namespace) -> int:
                 label=args.judge_label,
                 **({"method": args.judge_method} if args.judge_method else {}),
             )
+        )
+    if missing:  # stated, not silent: the organism's corpus is no stand-in for another model's data
+        print(
+            f"note: CE losses on {' and '.join(m.split()[0].removeprefix('--') for m in missing)} are not measured "
+            f"for this model; pass {' and '.join(missing)} (data for this model) to measure them.",
+            file=sys.stderr,
         )
     model, tokenizer = load_model_from_args(args)
     if direction is not None:

@@ -61,7 +61,11 @@ def _build(cls: type, args: argparse.Namespace, **override: Any) -> Any:
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default=None, help="HF model folder or hub id (default: the built-in organism)")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="HF model folder, hub id, .gguf file, or smollm2 / gemma3-270m (default: the built-in organism)",
+    )
     g.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16, float16)")
     g.add_argument(
         "--threads",

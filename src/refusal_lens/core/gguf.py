@@ -158,10 +158,15 @@ def describe_gguf(path: str | os.PathLike, sha256: str | None = None) -> dict[st
 
 # ----------------------------------------------------------------------------------------------- loading
 def _require_gguf_package() -> None:
+    """transformers reads GGUF files with the gguf package, and (in 5.x) insists on accelerate for them."""
     import importlib.util
 
-    if importlib.util.find_spec("gguf") is None:
-        raise UserError('loading a .gguf model needs the gguf package: pip install gguf (or pip install -e ".[real]").')
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(
+            f"loading a .gguf model needs {' and '.join(missing)}: pip install {' '.join(missing)} "
+            '(or pip install -e ".[real]").'
+        )
 
 
 def _load_direct(path: Path, dtype: Any) -> tuple[Any, Any]:
@@ -235,3 +240,18 @@ def gguf_checkpoint(path: str | os.PathLike, use_cache: bool = True) -> tuple[Pa
     except OSError:  # a read-only home: load from the GGUF file every time instead
         return p, info
     return target, info
+
+
+def gguf_from_pretrained_args(path: str | os.PathLike) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """Where and how to ``from_pretrained`` a GGUF model: ``(folder, extra kwargs, provenance)``.
+
+    The cached converted folder (no extra kwargs) when there is one, else the file's folder with
+    ``gguf_file`` and a dequantizing ``GgufConfig``.
+    """
+    found, info = gguf_checkpoint(path)
+    if found.is_dir():
+        return found, {}, info
+    from transformers import GgufConfig
+
+    _require_gguf_package()
+    return found.parent, {"gguf_file": found.name, "quantization_config": GgufConfig(dequantize=True)}, info

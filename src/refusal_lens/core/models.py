@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .gguf import GGUF_SUFFIX, find_gguf, gguf_checkpoint
+from .gguf import GGUF_SUFFIX, find_gguf, gguf_from_pretrained_args
 from .real_models import adapter_dir, is_real_model_name, real_model_path
 
 DTYPES = {
@@ -133,18 +133,11 @@ def load_model(
         raise UserError("--device-map needs the accelerate package: pip install accelerate (or use --device).")
     gguf_info = None
     try:
+        load_from, kwargs = path, {}
         if path.lower().endswith(GGUF_SUFFIX):  # dequantized once into the cache, then a plain HF folder
-            folder, gguf_info = gguf_checkpoint(path)
-            kwargs = {"gguf_file": folder.name} if folder.is_file() else {}
-            load_from = folder.parent if folder.is_file() else folder
-            if folder.is_file():
-                from transformers import GgufConfig
-
-                kwargs["quantization_config"] = GgufConfig(dequantize=True)
-        else:
-            load_from, kwargs = path, {}
+            load_from, kwargs, gguf_info = gguf_from_pretrained_args(path)
         tokenizer = AutoTokenizer.from_pretrained(
-            load_from, trust_remote_code=trust_remote_code, gguf_file=kwargs.get("gguf_file")
+            load_from, trust_remote_code=trust_remote_code, **{k: v for k, v in kwargs.items() if k == "gguf_file"}
         )
         model = AutoModelForCausalLM.from_pretrained(
             load_from, dtype=parse_dtype(dtype), device_map=device_map, trust_remote_code=trust_remote_code, **kwargs

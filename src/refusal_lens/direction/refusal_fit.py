@@ -18,7 +18,10 @@ them with the substring list (:data:`REFUSAL_PHRASES`), and records:
 Methods (``--refusal-score``): ``paper`` is the paper's log-odds of the refusal tokens. ``contrast`` is
 ``log P(refusal tokens) − log P(compliance tokens)``: positive when a refusal opening is more likely than an
 answer's, so a shared, uninformative token no longer dominates. ``auto`` (default) uses ``paper`` when the
-refusal tokens open at most ``AMBIGUOUS_SHARE`` of harmless replies, else ``contrast``, and says which.
+refusal tokens open at most ``AMBIGUOUS_SHARE`` of harmless replies and "score > 0" agrees with the greedy
+harmful replies (refused or not) at least as often as the contrast does, else ``contrast``; it says which and why.
+(SmolLM2 with a refusing system prompt: "I" opens refusals only, but P("I") stays below 1/2 even where the
+reply is a refusal, so the paper's filter keeps 0 of 128 harmful prompts.)
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from torch import nn
 from ..core.errors import UserError
 from ..core.models import input_device
 from ..core.prompts import ChatFormatter
-from .scoring import REFUSAL_SUBSTRINGS, refusal_score_from_logits
+from .scoring import REFUSAL_SUBSTRINGS, last_logits, refusal_score_from_logits
 
 # Refusals the paper's list misses, seen in real replies (tests/data/judge_replies.jsonl): a held-out organism's
 # "Sorry, but I won't help", SmolLM2's "I'm afraid I'm unable to".
@@ -158,11 +161,24 @@ def fit_refusal_score(
         raise UserError("the model refused no harmful prompt and has no 'I' token; pass --refusal-tokens.")
     compliance_ids = [t for t, _ in first_answer.most_common(max_tokens) if t not in refusal_ids]
     share = sum(first_answer[t] for t in refusal_ids) / max(1, len(answers))
+    # Does a score > 0 agree with what the model actually wrote? (on the harmful prompts it was asked)
+    logits = last_logits(model, fmt, [p for p, _ in zip(harmful[:n], harm)])
+    said = torch.tensor([bool(ids) and is_refusal_reply(text) for ids, text in harm])
+    agree = {}
+    for name, candidate in (("paper", RefusalScore("paper", refusal_ids)),
+                            ("contrast", RefusalScore("contrast", refusal_ids, compliance_ids))):  # fmt: skip
+        positive = candidate(logits) > 0
+        agree[name] = float((positive == said).double().mean())
+    rates["agreement_with_replies"] = agree
     chosen = method
     why = ""
     if method == "auto":
-        chosen = "contrast" if share > AMBIGUOUS_SHARE and compliance_ids else "paper"
-        why = f"auto: the refusal tokens open {100 * share:.0f}% of harmless answers -> {chosen}"
+        ambiguous = share > AMBIGUOUS_SHARE
+        chosen = "contrast" if compliance_ids and (ambiguous or agree["contrast"] > agree["paper"]) else "paper"
+        why = (
+            f"auto -> {chosen}: the refusal tokens open {100 * share:.0f}% of harmless answers; score > 0 matches "
+            f"the harmful replies in {100 * agree['paper']:.0f}% (paper) vs {100 * agree['contrast']:.0f}% (contrast)"
+        )
     return RefusalScore(
         method=chosen,
         refusal_ids=refusal_ids,

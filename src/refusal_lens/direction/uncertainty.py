@@ -90,7 +90,7 @@ def bootstrap_selection(
             }
     frequency = {names[keys[j]]: float(freq[j + 1]) for j in range(len(keys)) if freq[j + 1] > 0}
     frequency = dict(sorted(frequency.items(), key=lambda kv: -kv[1]))
-    chosen_freq = frequency.get(names[chosen], 0.0) if chosen is not None else float(freq[0])
+    chosen_freq = frequency.get(names[chosen], 0.0) if chosen is not None else None
     out: dict[str, Any] = {
         "n_resamples": n_resamples,
         "level": level,
@@ -101,7 +101,7 @@ def bootstrap_selection(
         "choice_frequency": frequency,
         "intervals": intervals,
         "chosen_frequency": chosen_freq,
-        "stable": chosen_freq >= 0.5,
+        "stable": None if chosen_freq is None else chosen_freq >= 0.5,
     }
     out["summary"] = summary_line(out, None if chosen is None else names[chosen])
     return out
@@ -109,10 +109,10 @@ def bootstrap_selection(
 
 def summary_line(boot: Mapping[str, Any], chosen: str | None) -> str:
     """One line for the explanation: how often the choice recurs, and its intervals."""
-    pct = f"{100 * boot['chosen_frequency']:.0f}%"
+    pct = f"{100 * (boot['none_passed_fraction'] if chosen is None else boot['chosen_frequency']):.0f}%"
     others = [(k, v) for k, v in boot["choice_frequency"].items() if k != chosen][:2]
     alt = ", ".join(f"{k} {100 * v:.0f}%" for k, v in others) or "none"
-    scope = "" if boot["exact"] else f" (over the {boot['n_fully_scored']} fully scored candidates; --no-prune: all)"
+    scope = "" if boot["exact"] else f"; among the {boot['n_fully_scored']} fully scored candidates, --no-prune: all"
     if chosen is None:
         return (
             f"bootstrap ({boot['n_resamples']} resamples of the validation prompts{scope}): no candidate passes in "

@@ -86,11 +86,18 @@ def candidate_heatmaps(selection: Mapping[str, Any]) -> bytes | None:
     layers = sorted({c["layer"] for c in cands})
     chosen = selection.get("chosen")
     metrics = [("bypass", "bypass score (lower = better)"), ("induce", "induce score"), ("kl", "KL on harmless")]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 0.45 * len(positions) + 2.4), layout="constrained")
+    boot = selection.get("bootstrap") or {}
+    freq = boot.get("choice_frequency")
+    if freq is not None:  # how often each candidate wins when the validation prompts are resampled
+        metrics.append(("chosen", f"chosen in % of {boot.get('n_resamples')} bootstrap resamples"))
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(4.7 * len(metrics), 0.45 * len(positions) + 2.4), layout="constrained"
+    )
     for ax, (key, title) in zip(axes, metrics):
         grid = np.full((len(positions), len(layers)), np.nan)
         for c in cands:
-            grid[positions.index(c["position"]), layers.index(c["layer"])] = _num(c.get(key))
+            value = 100 * freq.get(f"pos {c['position']} layer {c['layer']}", 0.0) if key == "chosen" else c.get(key)
+            grid[positions.index(c["position"]), layers.index(c["layer"])] = _num(value)
         im = ax.imshow(grid, aspect="auto", cmap="viridis")  # blank cells: not scored (e.g. layer 0)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
         ax.set_title(title, fontsize=10)
