@@ -105,7 +105,7 @@ def _safety_tune(args: argparse.Namespace) -> int:
     adapter, info = safety_tune(
         model, tokenizer, args.harmful, args.harmless, cfg, cache=cache, log=log, replies_file=replies
     )
-    write_adapter(adapter, info, out, model_name(model))
+    write_adapter(adapter, info, out, model_name(model), overwrite=args.force)
     print(json.dumps({"adapter": str(out), "parameters": adapter.n_parameters(), "time": info["time"],
                       "final_loss": info["losses"][-5:]}, indent=2))  # fmt: skip
     print(f"saved the adapter to {out}; it is --model smollm2-safe when written to refusal_lens/organism/smollm2_safe")

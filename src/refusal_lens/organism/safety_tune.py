@@ -296,13 +296,19 @@ def safety_tune(
     return adapter, info
 
 
-def write_adapter(adapter: LoraAdapter, info: dict[str, Any], out: str | os.PathLike, base_name: str) -> Path:
-    """Save the adapter in PEFT's format plus ``provenance.json`` into ``out`` (built in a staging folder)."""
+def write_adapter(
+    adapter: LoraAdapter, info: dict[str, Any], out: str | os.PathLike, base_name: str, overwrite: bool = False
+) -> Path:
+    """Save the adapter in PEFT's format plus ``provenance.json`` into ``out`` (built in a staging folder).
+
+    ``overwrite`` replaces an existing adapter folder (its ``own_replies.json`` has been read by then: the
+    rebuild writes the same targets back).
+    """
     from ..core.io import staging_dir
 
     info = dict(info)
     replies = info.pop("own_replies", None)
-    with staging_dir(out) as stage:
+    with staging_dir(out, overwrite) as stage:
         save_adapter(adapter, stage, base_name, extra={"recipe": info.get("recipe"), "base": info.get("base")})
         atomic_write_json(stage / "provenance.json", info)
         if replies is not None:  # the training targets: --replies FILE rebuilds the same adapter from them
