@@ -22,6 +22,7 @@ from .common import (
     add_prompt_arguments,
     chat_template_from_args,
     check_out,
+    instructions,
     load_model_from_args,
     resolve_prompts,
 )
@@ -53,20 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(p.add_argument_group("search"), AbliterateConfig)
 
 
-def _texts(prompts):
-    return None if prompts is None else [x.instruction for x in prompts]
-
-
 def run(args: argparse.Namespace) -> int:
     exports = [e.strip() for e in args.export.split(",") if e.strip()]
     unknown = [e for e in exports if e not in EXPORTS]
     if unknown:
         raise UserError(f"--export {','.join(unknown)} is unknown; choose from {', '.join(EXPORTS)}.")
     inputs = check_out(args)  # before any work: an --out that would lose data is refused
-    for name in ("max_kl", "max_refusal"):
-        value = getattr(args, name)
-        if value is not None and not value >= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be a number >= 0; got {value}.")
     cfg = dataclass_from_args(AbliterateConfig, args)
     if cfg.n_search < 2 or cfg.n_train < 2 or cfg.max_evaluations < 1:
         raise UserError("--n-search and --n-train must be at least 2 and --max-evaluations at least 1.")
@@ -81,12 +74,12 @@ def run(args: argparse.Namespace) -> int:
     result = abliterate(
         model,
         tokenizer,
-        _texts(harmful),
-        _texts(harmless),
+        instructions(harmful),
+        instructions(harmless),
         checkpoint,
         cfg,
-        _texts(harmful_val),
-        _texts(harmless_val),
+        instructions(harmful_val),
+        instructions(harmless_val),
         system=args.system,
         chat_template=chat_template_from_args(args),
         refusal_ids=ids,

@@ -136,3 +136,8 @@ def check_out(args: argparse.Namespace) -> list[str]:
     inputs = input_paths(args)
     check_out_dir(args.out, getattr(args, "overwrite", False), inputs)
     return inputs
+
+
+def instructions(prompts: list[Prompt] | None) -> list[str] | None:
+    """The instruction texts of a prompt set (None stays None: a validation set left to be carved)."""
+    return None if prompts is None else [p.instruction for p in prompts]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from ..core.config_args import add_dataclass_arguments, dataclass_from_args
-from ..core.data import Prompt
 from ..core.errors import UserError
 from ..core.io import atomic_save_safetensors, atomic_write_json, staging_dir
 from ..direction.compute import DirectionConfig, compute_direction
@@ -17,6 +16,7 @@ from .common import (
     add_prompt_arguments,
     chat_template_from_args,
     check_out,
+    instructions,
     load_model_from_args,
     resolve_prompts,
 )
@@ -36,10 +36,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(g, DirectionConfig)
     g = p.add_argument_group("selection filters")
     add_dataclass_arguments(g, SelectionConfig, skip=("batch_size",))
-
-
-def _texts(prompts: list[Prompt] | None) -> list[str] | None:
-    return None if prompts is None else [p.instruction for p in prompts]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,10 +62,10 @@ def run(args: argparse.Namespace) -> int:
     result = compute_direction(
         model,
         tokenizer,
-        _texts(harmful),
-        _texts(harmless),
-        _texts(harmful_val),
-        _texts(harmless_val),
+        instructions(harmful),
+        instructions(harmless),
+        instructions(harmful_val),
+        instructions(harmless_val),
         config=config,
         refusal_tokens=ids,
         system=args.system,
