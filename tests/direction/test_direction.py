@@ -8,7 +8,7 @@ import torch
 from refusal_lens.core.adapters import get_adapter
 from refusal_lens.core.errors import UserError
 from refusal_lens.core.prompts import ChatFormatter
-from refusal_lens.direction.activations import mean_activations
+from refusal_lens.direction.activations import collect_activations, mean_activations
 from refusal_lens.direction.compute import Direction, DirectionConfig, compute_direction
 from refusal_lens.direction.scoring import kl_divergence, refusal_score_from_logits
 from refusal_lens.direction.selection import SelectionConfig, fallback_without_induce, select_direction
@@ -40,6 +40,25 @@ def test_candidates_equal_float64_recomputation_from_hidden_states(llama, tokeni
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
     assert got[:, 0].abs().max() < 1e-6  # layer 0: template tokens are identical embeddings
     assert got[:, 1:].abs().max() > 1e-3
+
+
+def test_shared_prefix_and_filter_in_one_pass_equal_per_prompt_references(llama, tokenizer):
+    # A system prompt makes a long shared prefix, which is run once and continued from its KV cache.
+    fmt = ChatFormatter(tokenizer, system="You are a careful assistant who thinks before answering.")
+    prompts = HARMFUL + HARMLESS
+    first = torch.stack([llama(**fmt.encode([p])).logits[0, -1] for p in prompts])  # one prompt at a time
+
+    def keep(logits: torch.Tensor) -> torch.Tensor:  # a planted filter: the argmax token id is even
+        return logits.argmax(-1) % 2 == 0
+
+    got = collect_activations(llama, fmt, prompts, batch_size=3, keep=keep, progress=False)
+    want_kept = [i for i, lg in enumerate(first) if int(lg.argmax()) % 2 == 0]
+    assert 0 < len(want_kept) < len(prompts)  # the filter really drops some prompts
+    assert got.kept == want_kept
+    assert torch.allclose(got.logits, first, atol=1e-4)
+    L = get_adapter(llama).n_layers
+    ref = _reference_means(llama, fmt, [prompts[i] for i in want_kept], fmt.n_eoi)
+    assert torch.allclose(got.mean[:, :L], ref, atol=1e-5, rtol=1e-4)
 
 
 def _naive_scores(model, fmt, candidates, harmful, harmless, ids):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,8 @@ from ..core.errors import UserError
 from ..core.io import atomic_save_safetensors, atomic_write_json, load_safetensors, provenance, read_json
 from ..core.models import model_provenance
 from ..core.prompts import ChatFormatter
-from .activations import mean_activations
+from .activations import collect_activations
 from .refusal_fit import RefusalScore, barely_refuses, fit_refusal_score
-from .scoring import last_logits
 from .selection import SelectionConfig, SelectionResult, fallback_without_induce, select_direction
 
 ARTIFACT_VERSION = 1
@@ -184,11 +183,9 @@ def _carved(source: Any, pool: int, n_val: int, seed: int) -> dict[str, Any]:
     }
 
 
-def _keep_by_behaviour(
-    model: nn.Module, fmt: ChatFormatter, prompts: list[str], score: RefusalScore, refuse: bool, bs: int
-) -> list[str]:
-    scores = score(last_logits(model, fmt, prompts, bs))
-    return [p for p, s in zip(prompts, scores) if (s > 0) == refuse]
+def _behaviour_filter(score: RefusalScore, refuse: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Which prompts count: harmful ones the model refuses (score > 0), harmless ones it answers."""
+    return lambda logits: (score(logits) > 0) == refuse
 
 
 def compute_direction(
@@ -246,23 +243,27 @@ def compute_direction(
         print(score.describe())
     ids = score.refusal_ids
     counts_before = {k: len(v) for k, v in sets.items()}
-    if cfg.filter_data:
-        for key in sets:
-            kept = _keep_by_behaviour(model, fmt, sets[key], score, key.startswith("harmful"), cfg.batch_size)
-            if len(kept) < 2:
-                what = "refuses" if key.startswith("harmful") else "answers"
-                raise UserError(
-                    f"by the refusal score ({score.method}: {score.refusal_tokens}) the model {what} only {len(kept)} "
-                    f"of {len(sets[key])} {key.replace('_', ' ')} prompts, too few to estimate a direction; try "
-                    "--refusal-score contrast, --refusal-tokens, or --no-filter-data."
-                )
-            sets[key] = kept
-    mean_harmful = mean_activations(
-        model, fmt, sets["harmful_train"], batch_size=cfg.batch_size, desc="harmful", progress=progress
-    )
-    mean_harmless = mean_activations(
-        model, fmt, sets["harmless_train"], batch_size=cfg.batch_size, desc="harmless", progress=progress
-    )
+    means: dict[str, torch.Tensor] = {}
+    for key in sets:  # one forward per prompt: the training sets' activations and the data filter together
+        refuse = key.startswith("harmful")
+        train = key.endswith("train")
+        if not (train or cfg.filter_data):
+            continue
+        keep = _behaviour_filter(score, refuse) if cfg.filter_data else None
+        found = collect_activations(
+            model, fmt, sets[key], None if train else 1, cfg.batch_size, keep, key.split("_")[0], progress and train
+        )
+        if cfg.filter_data and len(found.kept) < 2:
+            raise UserError(
+                f"by the refusal score ({score.method}: {score.refusal_tokens}) the model "
+                f"{'refuses' if refuse else 'answers'} only {len(found.kept)} of {len(sets[key])} "
+                f"{key.replace('_', ' ')} prompts, too few to estimate a direction; try "
+                "--refusal-score contrast, --refusal-tokens, or --no-filter-data."
+            )
+        sets[key] = [sets[key][i] for i in found.kept]
+        if train:
+            means[key] = found.mean
+    mean_harmful, mean_harmless = means["harmful_train"], means["harmless_train"]
     candidates = (mean_harmful - mean_harmless)[:, : adapter.n_layers]  # float64 [n_pos, L, d]
     tokenizer_tokens = [tokenizer.decode([i]) for i in ids]
     info: dict[str, Any] = provenance(
