@@ -27,6 +27,7 @@ from ..core.config_args import add_dataclass_arguments, dataclass_from_args, num
 from ..core.errors import UserError
 from ..core.io import read_text_file, staging_dir, stale_stage
 from ..core.models import is_organism_model, resolve_model_path
+from ..core.real_models import is_real_model_name
 from ..direction.compute import Direction
 from ..direction.scoring import parse_refusal_tokens
 from ..evaluation.conditions import EvalSettings, evaluate_conditions, standard_conditions, write_evaluation
@@ -147,12 +148,27 @@ def _check_vllm(args: argparse.Namespace, chosen: list[str]) -> dict[str, Any]:
     vllm_dtype(args.dtype)
     kwargs = _vllm_args(args.vllm_args)
     src = resolve_model_path(args.model)
-    if {"ablate", "orthogonalize"} & set(chosen) and not Path(src).is_dir():
+    if {"ablate", "orthogonalize"} & set(chosen) and not Path(src).exists():
         raise UserError(
             f"--backend vllm writes an orthogonalized copy of the model, which needs a local folder; download {src} "
             "first (e.g. hf download ID --local-dir DIR) and pass --model DIR."
         )
     return kwargs
+
+
+def _vllm_original(args: argparse.Namespace, model: Any, tokenizer: Any, tmp: str, quiet: bool) -> str:
+    """The checkpoint vLLM loads as the original model: the model's folder when it is a plain HF folder, else
+    (a GGUF file, a real model by name, a base model + adapter) the weights loaded here, saved as a HF folder,
+    so vLLM runs exactly the model the hf backend would."""
+    src = resolve_model_path(args.model)
+    if not Path(src).exists() or Path(src).is_dir() and not is_real_model_name(str(args.model)):
+        return src  # a hub id (vLLM fetches it) or a plain HF folder
+    out = Path(tmp) / "original"
+    if not quiet:
+        print(f"writing the loaded model as a HF checkpoint for vLLM to {out}")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
 
 
 @contextmanager
@@ -174,7 +190,7 @@ def _generator(
     from ..evaluation.vllm_backend import CHECKPOINT_OF, VLLMGenerator
 
     with tempfile.TemporaryDirectory(prefix="refusal-lens-vllm-") as tmp:
-        paths = {"original": resolve_model_path(args.model)}
+        paths = {"original": _vllm_original(args, model, tokenizer, tmp, args.quiet)}
         if direction is not None and any(CHECKPOINT_OF.get(c) == "orthogonalized" for c in conditions):
             paths["orthogonalized"] = str(Path(tmp) / "orthogonalized")
             if not args.quiet:
