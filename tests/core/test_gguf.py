@@ -144,3 +144,40 @@ def test_threads_default_to_one_for_small_models_and_follow_the_option(monkeypat
             choose_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_threads_for_mid_size_models_are_the_idle_cores(monkeypatch, llama):
+    import torch
+
+    from refusal_lens.core import models
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(models, "TINY_MODEL_PARAMS", 0)  # treat the tiny test model as a SmolLM2-sized one
+    monkeypatch.setattr(models, "usable_cores", lambda: 2)
+    try:
+        for busy, want in ((0, 2), (1, 1), (5, 1), (None, 1)):
+            monkeypatch.setattr(models, "busy_cores", lambda busy=busy: busy)
+            assert models.choose_threads(None, llama) == want == torch.get_num_threads()
+        assert models.choose_threads(None) == 1  # before a model is loaded
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_busy_cores_sees_a_process_spinning_beside_it():
+    import subprocess
+    import sys
+
+    from refusal_lens.core.models import busy_cores
+
+    if busy_cores(samples=1, interval=0) is None:
+        pytest.skip("no /proc/stat on this system")
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert busy_cores(samples=5, interval=0.02) >= 1  # the spinning child is runnable in every sample
+    finally:
+        spin.kill()
+        spin.wait()

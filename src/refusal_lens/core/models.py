@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -194,14 +195,45 @@ def model_name(model: nn.Module) -> str:
 
 
 SMALL_MODEL_PARAMS = 1_000_000_000
-"""Below this, CPU forwards use one thread by default: small matrices gain little from more, and on a shared
-machine a second thread that has to wait for a busy core made generation 20-30x slower (issue #15)."""
+"""Below this, CPU forwards use only the cores that are idle when the command starts: small matrices gain little
+from a thread that has to wait for a busy core, which made generation 20-30x slower on a shared machine (issue #15)."""
+TINY_MODEL_PARAMS = 50_000_000
+"""Below this (the organism, test models), one thread: its matrices are too small to share out."""
 _TORCH_DEFAULT_THREADS = torch.get_num_threads()
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def busy_cores(samples: int = 5, interval: float = 0.02) -> int | None:
+    """Cores other processes keep busy right now: runnable tasks in /proc/stat (the median of a few samples),
+    less this one. None where /proc/stat is not available."""
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/stat") as f:
+                line = next(x for x in f if x.startswith("procs_running"))
+        except (OSError, StopIteration):
+            return None
+        counts.append(int(line.split()[1]))
+        if i + 1 < samples:
+            time.sleep(interval)
+    return max(0, sorted(counts)[len(counts) // 2] - 1)
+
+
 def choose_threads(requested: int | None, model: nn.Module | None = None) -> int:
-    """Set torch's CPU threads: ``--threads`` if given, else ``OMP_NUM_THREADS`` if set, else 1 for models under
-    :data:`SMALL_MODEL_PARAMS` parameters (or before one is loaded) and torch's default for larger ones."""
+    """Set torch's CPU threads and return how many.
+
+    ``--threads`` if given, else ``OMP_NUM_THREADS`` if set; else one thread before a model is loaded and for
+    models under :data:`TINY_MODEL_PARAMS` (threads cost more than they give on such small matrices), the cores
+    that no other process is using at this moment (at least 1, at most 8) for models under
+    :data:`SMALL_MODEL_PARAMS`, and torch's default for larger ones.
+    """
     if requested is not None:
         if requested < 1:
             raise UserError(f"--threads {requested} must be at least 1.")
@@ -210,8 +242,11 @@ def choose_threads(requested: int | None, model: nn.Module | None = None) -> int
         n = max(1, int(os.environ["OMP_NUM_THREADS"]))
     elif model is not None and sum(p.numel() for p in model.parameters()) >= SMALL_MODEL_PARAMS:
         n = _TORCH_DEFAULT_THREADS
-    else:
+    elif model is None or sum(p.numel() for p in model.parameters()) < TINY_MODEL_PARAMS:
         n = 1
+    else:
+        busy = busy_cores()
+        n = 1 if busy is None else max(1, min(8, usable_cores() - busy))
     torch.set_num_threads(n)
     return n
 
