@@ -17,11 +17,13 @@ from ..core.config_args import add_dataclass_arguments, dataclass_from_args, num
 from ..core.errors import UserError
 from ..direction.scoring import parse_refusal_tokens
 from .common import (
+    add_gguf_argument,
     add_model_arguments,
     add_overwrite_argument,
     add_prompt_arguments,
     chat_template_from_args,
     check_out,
+    gguf_export_dtype,
     instructions,
     load_model_from_args,
     resolve_prompts,
@@ -44,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="pick the lowest KL with refusal rate <= this (0..1)",
     )
     p.add_argument("--export", default="", help=f"comma-separated extra exports: {', '.join(EXPORTS)}")
+    add_gguf_argument(p)
     p.add_argument(
         "--checkpoint", default=None, help="resume file (default: .<out name>.abliterate.jsonl beside --out)"
     )
@@ -60,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"--export {','.join(unknown)} is unknown; choose from {', '.join(EXPORTS)}.")
     inputs = check_out(args)  # before any work: an --out that would lose data is refused
+    gguf_dtype = gguf_export_dtype(args)
     cfg = dataclass_from_args(AbliterateConfig, args)
     if cfg.n_search < 2 or cfg.n_train < 2 or cfg.max_evaluations < 1:
         raise UserError("--n-search and --n-train must be at least 2 and --max-evaluations at least 1.")
@@ -91,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if not k.startswith("_") and not callable(v)}
     summary = write_outputs(
         out, model, tokenizer, result, checkpoint, exports, ["refusal-lens", *sys.argv[1:]], options,
-        cfg.norm_preserving, args.force, overwrite=args.overwrite, inputs=inputs,
+        cfg.norm_preserving, args.force, overwrite=args.overwrite, inputs=inputs, gguf_dtype=gguf_dtype,
     )  # fmt: skip
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "front"} | {"front": summary["front"]}, indent=2))
@@ -105,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         f"first-token KL {c['kl']:.4g} on harmless prompts.\n"
         f"wrote {out}/ (merged checkpoint, front.json, front.png, README.md, reproduce.json"
         + "".join(f", {e}" for e in exports)
+        + (", model.gguf" if gguf_dtype else "")
         + ")"
     )
     return 0

@@ -138,6 +138,27 @@ def check_out(args: argparse.Namespace) -> list[str]:
     return inputs
 
 
+def add_gguf_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gguf",
+        choices=("f32", "f16", "none"),
+        default=None,
+        help="GGUF input (a .gguf file, smollm2, smollm2-safe...): also write the edited model as OUT/model.gguf "
+        "from the input file, edited tensors in f32 (default; exact) or f16 (half their size); none: do not",
+    )
+
+
+def gguf_export_dtype(args: argparse.Namespace) -> str | None:
+    """The dtype of OUT/model.gguf's edited tensors, or None for no GGUF (checked before any work)."""
+    choice = getattr(args, "gguf", None)
+    is_gguf = resolve_model_path(args.model).lower().endswith(".gguf")  # real names resolve to their GGUF file
+    if choice in ("f32", "f16") and not is_gguf:
+        raise UserError(f"--gguf {choice} needs a GGUF input (--model file.gguf or smollm2...); {args.model} is not.")
+    if choice == "none" or not is_gguf:
+        return None
+    return choice or "f32"
+
+
 def instructions(prompts: list[Prompt] | None) -> list[str] | None:
     """The instruction texts of a prompt set (None stays None: a validation set left to be carved)."""
     return None if prompts is None else [p.instruction for p in prompts]

@@ -118,7 +118,10 @@ def _hf_names(model: nn.Module, arch: str, n_blocks: int) -> dict[str, tuple[str
         else:
             out[name] = (key, tensor)
     if unmapped:
-        raise UserError(f"model tensors {unmapped[:3]} have no GGUF name; cannot write the edited model as GGUF.")
+        raise UserError(
+            f"model tensors {unmapped[:3]} have no GGUF name in a {arch} file of {n_blocks} blocks; the model is not "
+            "the GGUF file's, so its edit cannot be written into that file."
+        )
     return out
 
 
