@@ -113,7 +113,7 @@ def lm_eval_scores(
     from lm_eval.tasks import TaskManager
 
     names, folders, defaults = _task_names(tasks)
-    manager = TaskManager(include_path=folders or None, include_defaults=defaults, verbosity="ERROR")
+    manager = TaskManager(include_path=folders or None, include_defaults=defaults)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise UserError(f"lm-eval does not know task(s) {', '.join(unknown)}; pass a task YAML file or a known name.")
@@ -211,26 +211,23 @@ def write_cloze_task(
 ) -> Path:
     """A local lm-eval multiple-choice task from plain text; returns the YAML file.
 
-    Each item: the first half of a passage (by words) as context; the choices are its true second half and the
-    second halves of three other passages (shuffled, seeded); accuracy = picking the true continuation by
-    log-likelihood. The data is ``FOLDER/NAME.jsonl``, read with ``dataset_path: json``, no hub needed.
+    Each item: the first half of a passage's first 24 words as context; the choices are its true second half and
+    three different second halves of other passages (shuffled, seeded); accuracy = picking the true
+    continuation by log-likelihood (chance 0.25). The data is ``FOLDER/NAME.jsonl``, read with
+    ``dataset_path: json``: no hub needed.
     """
-    passages = [t.split() for t in texts if len(t.split()) >= 8]
-    if len(passages) < 4:
-        raise UserError("a cloze task needs at least 4 texts of 8 or more words.")
+    spans = [t.split()[:24] for t in texts if len(t.split()) >= 8]  # short spans: the second half follows the first
+    halves = [(" ".join(w[: len(w) // 2]), " " + " ".join(w[len(w) // 2 :])) for w in spans]
+    endings = sorted({e for _, e in halves})
+    if len(endings) < 4:
+        raise UserError("a cloze task needs at least 4 texts of 8 or more words with different endings.")
     rng = random.Random(seed)
-    order = rng.sample(range(len(passages)), k=min(n, len(passages)))
     rows = []
-    for i in order:
-        words = passages[i][:24]  # a short span: its second half follows from its first
-        half = len(words) // 2
-        others = rng.sample([j for j in range(len(passages)) if j != i], 3)
-        endings = [" " + " ".join(words[half:])]
-        for j in others:
-            w = passages[j][:24]
-            endings.append(" " + " ".join(w[len(w) // 2 :]))
+    for i in rng.sample(range(len(halves)), k=min(n, len(halves))):
+        context, true = halves[i]
+        choices = [true, *rng.sample([e for e in endings if e != true], 3)]  # three other, distinct endings
         perm = rng.sample(range(4), 4)
-        rows.append({"context": " ".join(words[:half]), "choices": [endings[k] for k in perm], "label": perm.index(0)})
+        rows.append({"context": context, "choices": [choices[k] for k in perm], "label": perm.index(0)})
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"{name}.jsonl"
