@@ -175,14 +175,15 @@ def write_edited_gguf(
     params = _hf_names(model, arch, int(fields.get(f"{arch}.block_count", 0)))
     store = np.float32 if dtype == "f32" else np.float16
     written, copied, added = [], 0, []
-    originals: dict[str, tuple[Any, np.ndarray]] = {}
+    originals: dict[str, tuple[Any, np.ndarray]] = {}  # token_embd only: an untied unembedding may equal it
     tensors: list[tuple[str, np.ndarray, Any]] = []  # (name, data, raw dtype or None)
     for t in reader.tensors:
         if t.name not in params:
             raise UserError(f"GGUF tensor {t.name} has no counterpart in the model; cannot write the edit into {src}.")
         _, param = params.pop(t.name)
         original = np.array(layout.to_hf(t.name, gguf.quants.dequantize(t.data, t.tensor_type)))  # own, writable
-        originals[t.name] = (t, original)
+        if t.name == "token_embd.weight":
+            originals[t.name] = (t, original)
         current = param.detach().cpu()
         if tuple(original.shape) != tuple(current.shape):
             raise UserError(f"GGUF tensor {t.name} has shape {original.shape}, the model's {tuple(current.shape)}.")

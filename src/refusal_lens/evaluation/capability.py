@@ -131,7 +131,7 @@ def lm_eval_scores(
     for task, metrics in (out or {}).get("results", {}).items():
         clean = {}
         for key, value in metrics.items():  # "acc,none" -> "acc"; skip the alias and "N/A" stderrs
-            if isinstance(value, int | float) and not isinstance(value, bool):
+            if isinstance(value, int | float) and not isinstance(value, bool) and key != "sample_len":
                 clean[key.split(",")[0]] = float(value)
         results[task] = clean
     for task in names:
