@@ -106,6 +106,14 @@ CASES: list[tuple[str, list[str], str]] = [
     ("abliterate-max-kl-nan", ["abliterate", "--max-kl", "nan", "--out", "o"], "--max-kl"),
     ("abliterate-max-refusal-2", ["abliterate", "--max-refusal", "2", "--out", "o"], "--max-refusal"),
     ("abliterate-unknown-export", ["abliterate", "--export", "onnx", "--out", "o"], "--export"),
+    ("abliterate-missing-task-file", ["abliterate", "--lm-eval", "p/missing.yaml", "--out", "o"], "p/missing.yaml"),
+    ("abliterate-gguf-for-hf-input", ["abliterate", *M, *H, "--gguf", "f16", "--out", "o"], "--gguf f16"),
+    # capability (no --out: it prints)
+    ("capability-nothing-to-measure", ["capability", *M], "--lm-eval"),
+    ("capability-missing-task-file", ["capability", "--lm-eval", "p/missing.yaml"], "p/missing.yaml"),
+    ("capability-task-not-yaml", ["capability", "--lm-eval", "p/harmful.yaml"], "task: NAME"),
+    ("capability-ce-negative", ["capability", "--n-ce", "-1"], "--n-ce"),
+    ("ortho-gguf-for-hf-input", ["orthogonalize", *M, "--direction", D, "--out", "o", "--gguf", "f32"], "--gguf f32"),
     ("upstream-empty-prompt", ["upstream", "--prompt", "", "--out", "o"], "--prompt"),
     ("upstream-blank-prompt", ["upstream", "--prompt", "   ", "--out", "o"], "--prompt"),
     ("upstream-top-0", ["upstream", "--prompt", "hi", "--top", "0", "--out", "o"], "--top"),
@@ -163,7 +171,7 @@ FAST = {
     "evaluate-coeff-nan", "evaluate-top-p-2", "evaluate-temperature-negative", "evaluate-out-contains-direction",
     "upstream-empty-prompt", "sae-train-tokens-negative", "sae-eval-out-exists", "sae-decompose-out-nonempty",
     "demo-out-nonempty", "organism-artifacts-needs-checkpoint", "report-out-exists", "abliterate-out-nonempty",
-    "abliterate-max-refusal-2",
+    "abliterate-max-refusal-2", "capability-missing-task-file", "capability-nothing-to-measure",
 }  # fmt: skip
 PARAMS = [pytest.param(c, id=c[0], marks=() if c[0] in FAST else pytest.mark.slow) for c in CASES]
 
@@ -199,6 +207,7 @@ def _workspace(root: Path) -> None:
     (p / "empty.json").write_text("[]")
     (p / "nocolumn.json").write_text('[{"foo": "bar"}]')
     (p / "prompts.xyz").write_text("hello")
+    (p / "harmful.yaml").write_text("- a list, not a task\n")
     (work / "keep").mkdir()
     (work / "keep" / "notes.txt").write_text("the user's notes")
     (work / "file.txt").write_text("the user's file")

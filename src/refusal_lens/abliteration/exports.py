@@ -170,6 +170,7 @@ def model_card(summary: dict[str, Any]) -> str:
         f"{base['refusals_generated']}/{base['n_harmful_search']} | "
         f"{c['refusals_generated']}/{base['n_harmful_search']} |",
         f"| first-token KL on harmless prompts | 0 | {c['kl']:.4g} |",
+        *_capability_rows(summary.get("capability")),
         "",
         "Point: `" + json.dumps(c["point"]) + "`",
         "",
@@ -179,3 +180,21 @@ def model_card(summary: dict[str, Any]) -> str:
         "This model no longer refuses harmful requests reliably. Use it for research on refusal, not to serve users.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _capability_rows(capability: dict[str, Any] | None) -> list[str]:
+    """Model-card table rows: plain-text CE loss and lm-eval accuracies, original vs edited."""
+    if not capability:
+        return []
+    before, after = capability["original"], capability["edited"]
+    rows = []
+    if before.get("ce_loss_plain_text") is not None:
+        rows.append(f"| CE loss on {before['n_plain_texts']} plain-text passages (nats/token) | "
+                    f"{before['ce_loss_plain_text']:.4f} | {after['ce_loss_plain_text']:.4f} |")  # fmt: skip
+    for task, metrics in sorted((before.get("lm_eval") or {}).items()):
+        for metric in ("acc", "acc_norm"):
+            if metric in metrics:
+                other = after["lm_eval"][task].get(metric, float("nan"))
+                rows.append(f"| lm-eval {task} {metric} (n = {metrics.get('n', 0):.0f}) | {metrics[metric]:.4f} | "
+                            f"{other:.4f} |")  # fmt: skip
+    return rows

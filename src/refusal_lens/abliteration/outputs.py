@@ -4,7 +4,8 @@
 scored point with its parameters and both objectives, the checked front, the chosen point), ``front.png``,
 ``points.jsonl`` (the search checkpoint), ``directions.safetensors`` (per-slot directions and harmless means, from
 which every point's edit can be rebuilt), ``README.md`` (model card), ``reproduce.json``, and with ``--export``:
-``lora/`` (PEFT adapter) and ``control_vector.gguf``.
+``lora/`` (PEFT adapter) and ``control_vector.gguf``; for a model loaded from GGUF, ``model.gguf`` (the input file
+with the edited tensors, :mod:`refusal_lens.core.gguf_export`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from torch import nn  # noqa: E402
 
+from ..core.gguf_export import write_edited_gguf  # noqa: E402
 from ..core.io import (
     atomic_path,
     atomic_save_safetensors,
@@ -84,10 +86,14 @@ def write_outputs(
     force: bool = False,
     overwrite: bool = False,
     inputs: Sequence[str | os.PathLike] = (),
+    gguf_dtype: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build ``out_dir`` atomically (edits ``model`` in place at the end); returns the summary JSON.
 
     A non-empty ``out_dir`` is replaced only with ``overwrite``; one overlapping ``inputs`` is always refused.
+    ``gguf_dtype`` (a model loaded from GGUF): also ``model.gguf``, the input file with the edited tensors.
+    ``extra``: more summary entries (the capability check).
     """
     plan = result.point.plan(result.directions)
     chosen = result.chosen
@@ -98,6 +104,7 @@ def write_outputs(
         "check_tokens": options.get("check_tokens"),
         "front": result.front,
         **{k: v for k, v in result.info.items() if k not in ("baseline", "checked")},
+        **(extra or {}),
     }
     with staging_dir(out_dir, overwrite, inputs) as stage:
         exported: dict[str, Any] = {}
@@ -116,6 +123,8 @@ def write_outputs(
         edited = edit_weights(model, plan, norm_preserving, force)
         model.save_pretrained(stage, safe_serialization=True)
         tokenizer.save_pretrained(stage)
+        if gguf_dtype is not None:  # after the edit: the changed tensors are found by comparing with the file
+            exported["gguf"] = write_edited_gguf(model, stage / "model.gguf", gguf_dtype)
         atomic_write_json(
             stage / "front.json",
             provenance(points=result.rows, checked=result.info["checked"], front=result.front, chosen=chosen),

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
 from ..core.config_args import number
 from ..core.data import Prompt
 from ..core.errors import UserError
-from ..core.io import check_out_dir
-from ..core.models import choose_threads, load_model, resolve_model_path
+from ..core.io import check_out_dir, read_text_file
+from ..core.models import choose_threads, is_organism_model, load_model, resolve_model_path
 from ..core.prompts import read_chat_template
 from ..organism import load_prompts
 
@@ -138,6 +139,63 @@ def check_out(args: argparse.Namespace) -> list[str]:
     return inputs
 
 
+def add_gguf_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gguf",
+        choices=("f32", "f16", "none"),
+        default=None,
+        help="GGUF input (a .gguf file, smollm2, smollm2-safe...): also write the edited model as OUT/model.gguf "
+        "from the input file, edited tensors in f32 (default; exact) or f16 (half their size); none: do not",
+    )
+
+
+def gguf_export_dtype(args: argparse.Namespace) -> str | None:
+    """The dtype of OUT/model.gguf's edited tensors, or None for no GGUF (checked before any work)."""
+    choice = getattr(args, "gguf", None)
+    is_gguf = resolve_model_path(args.model).lower().endswith(".gguf")  # real names resolve to their GGUF file
+    if choice in ("f32", "f16") and not is_gguf:
+        raise UserError(f"--gguf {choice} needs a GGUF input (--model file.gguf or smollm2...); {args.model} is not.")
+    if choice == "none" or not is_gguf:
+        return None
+    return choice or "f32"
+
+
 def instructions(prompts: list[Prompt] | None) -> list[str] | None:
     """The instruction texts of a prompt set (None stays None: a validation set left to be carved)."""
     return None if prompts is None else [p.instruction for p in prompts]
+
+
+def read_records(path: str, what: str) -> list[Any]:
+    """Records of a JSON list, JSON Lines or plain-text (blank-line separated documents) file."""
+    p = Path(path).expanduser()
+    text = read_text_file(p, f"{what} file")
+    try:
+        if p.suffix.lower() == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+            return data if isinstance(data, list) else [data]
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{what} file {p} is not valid JSON ({exc}); fix it.") from None
+    return [line for line in text.split("\n\n") if line.strip()]  # plain text: blank-line separated documents
+
+
+def add_plain_text_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plain-text", default=None, help="TXT/JSON/JSONL texts for the plain-text CE loss (optional)")
+
+
+def plain_texts_from_args(args: argparse.Namespace) -> list[str] | None:
+    """``--plain-text``'s texts; without it the organism's corpus for the organism (it says nothing about
+    another model's loss), else None."""
+    if args.plain_text is None:
+        if is_organism_model(args.model):
+            from ..organism import plain_text
+
+            return plain_text()
+        return None
+    recs = read_records(args.plain_text, "--plain-text")
+    texts = [r if isinstance(r, str) else r.get("text") for r in recs]
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise UserError(f"--plain-text {args.plain_text} holds no texts; give strings or objects with 'text'.")
+    return texts

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..core.config_args import add_dataclass_arguments, dataclass_from_args, number
 from ..core.errors import UserError
-from ..core.io import read_text_file, staging_dir, stale_stage
+from ..core.io import staging_dir, stale_stage
 from ..core.models import is_organism_model, resolve_model_path
 from ..core.real_models import is_real_model_name
 from ..direction.compute import Direction
@@ -37,9 +37,12 @@ from ..report import build_report
 from .common import (
     add_model_arguments,
     add_overwrite_argument,
+    add_plain_text_argument,
     chat_template_from_args,
     check_out,
     load_model_from_args,
+    plain_texts_from_args,
+    read_records,
     resolve_prompts,
     result_options,
 )
@@ -54,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--harmless", default=None, help="harmless instructions (default with the organism: test split)")
     g.add_argument("--borderline", default=None, help="borderline instructions (optional; organism: test split)")
     g.add_argument("--column", default=None, help="column holding the instruction (default: recognised)")
-    g.add_argument("--plain-text", default=None, help="TXT/JSON/JSONL texts for the plain-text CE loss (optional)")
+    add_plain_text_argument(g)
     g.add_argument(
         "--instruction-data",
         default=None,
@@ -215,39 +218,10 @@ def _generator(
             gen.close()
 
 
-def _read_records(path: str, what: str) -> list[Any]:
-    p = Path(path).expanduser()
-    text = read_text_file(p, f"{what} file")
-    try:
-        if p.suffix.lower() == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        if p.suffix.lower() == ".json":
-            data = json.loads(text)
-            return data if isinstance(data, list) else [data]
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{what} file {p} is not valid JSON ({exc}); fix it.") from None
-    return [line for line in text.split("\n\n") if line.strip()]  # plain text: blank-line separated documents
-
-
 def _organism_data(args: argparse.Namespace) -> bool:
     """Whether the organism's corpus supplies the CE data: only for the organism itself (its corpus says
     nothing about another model's loss, even on organism prompt sets)."""
     return is_organism_model(args.model)
-
-
-def _plain_texts(args: argparse.Namespace) -> list[str] | None:
-    if args.plain_text is None:
-        if _organism_data(args):
-            from ..organism import plain_text
-
-            return plain_text()
-        return None
-    recs = _read_records(args.plain_text, "--plain-text")
-    texts = [r if isinstance(r, str) else r.get("text") for r in recs]
-    texts = [t for t in texts if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise UserError(f"--plain-text {args.plain_text} holds no texts; give strings or objects with 'text'.")
-    return texts
 
 
 def _pairs(args: argparse.Namespace) -> list[tuple[str, str]] | None:
@@ -258,7 +232,7 @@ def _pairs(args: argparse.Namespace) -> list[tuple[str, str]] | None:
             return [(c["instruction"], c["reply"]) for c in chat_pairs("test") if c["kind"] == "harmless"]
         return None
     pairs = []
-    for r in _read_records(args.instruction_data, "--instruction-data"):
+    for r in read_records(args.instruction_data, "--instruction-data"):
         reply = next(
             (r[k] for k in ("output", "reply", "response", "completion") if isinstance(r, dict) and k in r), None
         )
@@ -283,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.borderline is not None or args.model is None:
         sets["borderline"] = load_prompts(args.borderline or "organism:borderline:test", column=args.column)
-    plain, pairs = _plain_texts(args), _pairs(args)
+    plain, pairs = plain_texts_from_args(args), _pairs(args)
     missing = [f"--{n} FILE" for n, v in (("plain-text", plain), ("instruction-data", pairs)) if v is None]
     settings = dataclass_from_args(EvalSettings, args)
     chosen = _interventions(args.intervention, args.direction is not None)

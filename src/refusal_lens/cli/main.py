@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "refusal_lens.cli.abliterate",
         "search the refusal-vs-KL front of per-layer ablations, save a model",
     ),
+    "capability": ("refusal_lens.cli.capability", "lm-eval tasks and plain-text CE loss of a model, beside a baseline"),
 }
 
 

@@ -8,7 +8,14 @@ from pathlib import Path
 from ..core.models import model_provenance, resolve_model_path
 from ..direction.compute import Direction
 from ..direction.orthogonalize import orthogonalize_checkpoint, orthogonalize_model, save_orthogonalized
-from .common import add_model_arguments, add_overwrite_argument, check_out, load_model_from_args
+from .common import (
+    add_gguf_argument,
+    add_model_arguments,
+    add_overwrite_argument,
+    check_out,
+    gguf_export_dtype,
+    load_model_from_args,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direction", required=True, help="direction.safetensors (or its folder)")
     p.add_argument("--out", required=True, help="folder for the edited checkpoint")
     add_overwrite_argument(p)
+    add_gguf_argument(p)
     p.add_argument(
         "--force",
         action="store_true",
@@ -30,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     inputs = check_out(args)
+    gguf_dtype = gguf_export_dtype(args)
     src = Path(resolve_model_path(args.model))
     direction = Direction.load(args.direction)
     extra = {"direction": str(args.direction), "layer": direction.layer, "position": direction.position}
@@ -50,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     extra |= model_provenance(model)  # a GGUF input: its file, sha256 and quantization type
     direction.check(model, str(args.direction))
     edited = orthogonalize_model(model, direction.vector, force=args.force)
-    save_orthogonalized(model, tokenizer, args.out, extra, overwrite=args.overwrite, inputs=inputs)
-    print(f"edited {len(edited)} tensors in memory -> {args.out}")
+    save_orthogonalized(model, tokenizer, args.out, extra, args.overwrite, inputs, gguf_dtype)
+    also = f" (and {args.out}/model.gguf)" if gguf_dtype else ""
+    print(f"edited {len(edited)} tensors in memory -> {args.out}{also}")
     return 0

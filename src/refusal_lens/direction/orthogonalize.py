@@ -272,13 +272,20 @@ def save_orthogonalized(
     extra_provenance: dict | None = None,
     overwrite: bool = False,
     inputs: Sequence[PathLike] = (),
+    gguf_dtype: str | None = None,
 ) -> Path:
-    """Save an (already orthogonalized) model as a normal HF checkpoint with a provenance file."""
+    """Save an (already orthogonalized) model as a normal HF checkpoint with a provenance file.
+
+    With ``gguf_dtype`` (a model loaded from GGUF) also ``model.gguf``: the input file with the edited tensors.
+    """
+    extra = dict(extra_provenance or {})
     with staging_dir(out, overwrite, inputs) as stage:
         model.save_pretrained(stage, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
-        atomic_write_json(
-            stage / "refusal_lens_orthogonalization.json", provenance(method="in_memory", **(extra_provenance or {}))
-        )
+        if gguf_dtype is not None:
+            from ..core.gguf_export import write_edited_gguf
+
+            extra["gguf_export"] = write_edited_gguf(model, stage / "model.gguf", gguf_dtype)
+        atomic_write_json(stage / "refusal_lens_orthogonalization.json", provenance(method="in_memory", **extra))
     return Path(out)
