@@ -4,7 +4,8 @@ Two steps around two ``refusal-lens sae train`` runs (the whole sequence is ``sc
 
 ``data``     wrap the plain-text corpus in the chat format, as the paper wraps the Pile ("instruction formatting"):
              each paragraph becomes a one-turn conversation (user = the paragraph, empty assistant turn), so
-             both SAEs see the same template tokens, and only what fills them differs.
+             both SAEs see the same template tokens, and only what fills them differs; 64 seeded documents of
+             each corpus are held out (``*_heldout.json``) for the SAE metrics.
 ``measure``  for each SAE, the paper's measurements at the SAE's layer, last template token (or ``--position``):
 
 * the refusal direction r = mean(harmful) − mean(harmless) of ``--n`` held-out prompts each (the shared
@@ -14,7 +15,7 @@ Two steps around two ``refusal-lens sae train`` runs (the whole sequence is ``sc
 * the sparsity curve: relative error of the least-squares fit of r from the top-k latents by |Δf̄| (and OMP);
 * latent ablation: greedy refusal rate on ``--n-ablate`` JailbreakBench prompts with each SAE's most aligned latent
   ablated at every layer (like r itself), next to no ablation and to ablating r (the train-split direction);
-* standard SAE metrics of each SAE on both data sets (L0, FVU, dead/dense latents), ``--eval-tokens`` each.
+* standard SAE metrics of each SAE on the held-out documents of both corpora (L0, FVU, dead/dense latents).
 
 Writes ``kissane.json``, ``direction/`` (the train-split direction at the SAE's layer and position),
 ``top_latents.safetensors`` (the most aligned decoder rows, small, for the real-model tests) and
@@ -48,11 +49,21 @@ from refusal_lens.sae.source import ActivationSource, DataConfig
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "refusal_direction"
 
 
-def wrap_text(args: argparse.Namespace) -> None:
+def split_data(args: argparse.Namespace) -> None:
+    """Chat-wrap the paragraphs; hold out ``--holdout`` seeded documents of each corpus for the SAE metrics."""
     paragraphs = [r["text"] if isinstance(r, dict) else str(r) for r in json.loads(Path(args.plain_text).read_text())]
-    records = [{"instruction": p, "reply": ""} for p in paragraphs]
-    atomic_write_json(Path(args.out), records)
-    print(f"wrote {len(records)} chat-wrapped paragraphs to {args.out}")
+    chats = json.loads(Path(args.chat).read_text())
+    corpora = {
+        "text": [{"instruction": p, "reply": ""} for p in paragraphs],
+        "chat": [{"instruction": r["instruction"], "reply": r["reply"]} for r in chats],
+    }
+    out = Path(args.out_dir)
+    for name, records in corpora.items():
+        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(0)).tolist()
+        held = set(order[: args.holdout])
+        atomic_write_json(out / f"{name}_train.json", [r for i, r in enumerate(records) if i not in held])
+        atomic_write_json(out / f"{name}_heldout.json", [r for i, r in enumerate(records) if i in held])
+        print(f"{name}: {len(records) - len(held)} training documents, {len(held)} held out")
 
 
 def refusal_rate(model, tok, fmt, prompts, factory, max_new_tokens: int) -> tuple[float, list[str]]:
@@ -130,15 +141,22 @@ def measure(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="step", required=True)
-    d = sub.add_parser("data", help="wrap plain-text paragraphs in the chat format")
+    d = sub.add_parser("data", help="wrap plain-text paragraphs in the chat format; hold out documents")
     d.add_argument("--plain-text", required=True, help="JSON of {'text'} records (scripts/plain_text_corpus.py)")
-    d.add_argument("--out", required=True)
-    d.set_defaults(run=wrap_text)
+    d.add_argument("--chat", required=True, help="JSON of {'instruction', 'reply'} records (scripts/chat_corpus.py)")
+    d.add_argument("--holdout", type=int, default=64, help="documents of each corpus kept out of training")
+    d.add_argument("--out-dir", required=True)
+    d.set_defaults(run=split_data)
     m = sub.add_parser("measure", help="decomposition, latent ablation and SAE metrics")
     m.add_argument("--model", default="smollm2-safe")
     m.add_argument("--sae", action="append", required=True, help="SAE folder (repeat; same layer)")
     m.add_argument("--names", nargs="+", default=["chat", "text"])
-    m.add_argument("--data-file", action="append", required=True, help="each SAE's training data, in --names order")
+    m.add_argument(
+        "--data-file",
+        action="append",
+        required=True,
+        help="held-out documents of each SAE's corpus (SAE metrics), in --names order",
+    )
     m.add_argument("--position", type=int, default=-1)
     m.add_argument("--shared", default=str(SHARED))
     m.add_argument("-n", type=int, default=64, help="prompts of each kind for r (paper: 64)")

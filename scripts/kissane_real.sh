@@ -20,17 +20,18 @@ mkdir -p "$OUT"
 # 1. data: real prompts + the model's own replies; Python docs prose wrapped in the chat format
 [ -f "$OUT/chat_corpus.json" ] || python scripts/chat_corpus.py --model "$MODEL" --n-harmless 640 --out "$OUT/chat_corpus.json"
 [ -f "$OUT/plain_text.json" ] || python scripts/plain_text_corpus.py "$PYDOC" --out "$OUT/plain_text.json"
-[ -f "$OUT/text_chat.json" ] || python scripts/kissane_real.py data --plain-text "$OUT/plain_text.json" --out "$OUT/text_chat.json"
+[ -f "$OUT/text_train.json" ] || python scripts/kissane_real.py data --plain-text "$OUT/plain_text.json" \
+  --chat "$OUT/chat_corpus.json" --out-dir "$OUT"
 # 2. two SAEs at equal width and token budget (activations cached once as safetensors shards)
 for DATA in chat text; do
-  FILE=$OUT/chat_corpus.json; [ "$DATA" = text ] && FILE=$OUT/text_chat.json
+  FILE=$OUT/${DATA}_train.json
   [ -f "$OUT/sae-$DATA/cfg.json" ] || refusal-lens sae train --model "$MODEL" --layer "$LAYER" --arch topk \
     --width "$WIDTH" --k "$K" --tokens "$TOKENS" --batch-size 1024 --context-size 256 --buffer-tokens 65536 \
     --data chat --data-file "$FILE" --cache "$OUT/cache-$DATA" --out "$OUT/sae-$DATA" --overwrite --no-progress ${TRAIN_ARGS:-}
 done
 # 3. the paper's measurements
 python scripts/kissane_real.py measure --model "$MODEL" --sae "$OUT/sae-chat" --sae "$OUT/sae-text" --names chat text \
-  --data-file "$OUT/chat_corpus.json" --data-file "$OUT/text_chat.json" --position "$POSITION" \
+  --data-file "$OUT/chat_heldout.json" --data-file "$OUT/text_heldout.json" --position "$POSITION" \
   --out "$OUT/measure" --overwrite
 # 4. Lee et al. with the chat SAE (layer 12) upstream of the table-2 direction (layer 23, position -5)
 python scripts/lee_real.py --model "$MODEL" --sae "$OUT/sae-chat" --direction docs/results-16/table2-safe-direction \
