@@ -125,7 +125,8 @@ def measure(args: argparse.Namespace) -> None:
         print(f"ablation {cname}: harmful refusal {rate:.3f}", flush=True)
     top = {f"{r['name']}_top": saes[r["name"]].W_dec[r["top_latents"][0]["latent"]].detach().float().contiguous()
            for r in out["saes"]}  # fmt: skip
-    out["provenance"] = provenance(command="scripts/kissane_real.py measure", options=vars(args),
+    options = {k: v for k, v in vars(args).items() if k != "run"}  # run: the step's function
+    out["provenance"] = provenance(command="scripts/kissane_real.py measure", options=options,
                                    wall_s=round(time.time() - t0, 1), cpu_s=round(time.process_time() - c0, 1),
                                    **model_provenance(model))  # fmt: skip
     with staging_dir(args.out, overwrite=args.overwrite) as stage:

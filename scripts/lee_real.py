@@ -57,8 +57,9 @@ def main() -> None:
     ap.add_argument("--direction", required=True)
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--n-harmful", type=int, default=12, help="JailbreakBench prompts added for the steering test")
-    ap.add_argument("--multiples", type=float, nargs="+", default=[2.0, 4.0, 8.0])
-    ap.add_argument("--controls", type=int, default=3, help="random latents per steering setting")
+    ap.add_argument("--multiples", type=float, nargs="+", default=[4.0, 16.0])
+    ap.add_argument("--controls", type=int, default=2, help="random latents per steering setting")
+    ap.add_argument("--steer-readings", nargs="+", default=["dot_all"], help="readings whose top latents are steered")
     ap.add_argument(
         "--alphas",
         type=float,
@@ -129,7 +130,7 @@ def main() -> None:
     out["baseline_refused"] = {"borderline": sum(baseline[: len(prompts)]), "harmful": sum(baseline[len(prompts):]),
                                "n_borderline": len(prompts), "n_harmful": len(harmful)}  # fmt: skip
     out["steering"] = {}
-    for name in ("dot_all", "attribution_instruction"):
+    for name in args.steer_readings:
         pair = [readings[name]["positive"][0]["latent"], readings[name]["negative"][0]["latent"]]
         out["steering"][name] = boundary_steering(
             model, tok, fmt, sae, d.vector, d.layer, boundary,
