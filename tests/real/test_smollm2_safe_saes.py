@@ -106,17 +106,18 @@ def kissane_summary() -> dict:
 
 def test_no_single_latent_of_either_sae_aligns_with_the_refusal_direction_like_the_papers(safe):
     """Kissane et al.'s single-latent claim (0.678 chat vs 0.411 Pile) on smollm2-safe, layer 12, last template
-    token: the most aligned latent of each SAE (decoder rows shipped in top_latents.safetensors) reaches only ~0.15
-    (measured on 64 + 64 held-out prompts), recomputed here with r from 16 + 16 of them."""
+    token: the most aligned latent of each SAE (decoder rows shipped in top_latents.safetensors) reaches only 0.16 /
+    0.14, recomputed here from r of the same 64 + 64 held-out prompts (fewer prompts move r too much: with 16 + 16
+    the text latent's cosine is 0.08)."""
     data = shared_data_or_skip()
     model, tok = safe
     summary = kissane_summary()
     rows = load_safetensors(KISSANE / "top_latents.safetensors", "top latents")
-    r = refusal_direction_at(model, tok, data, summary["layer"], 16)
+    r = refusal_direction_at(model, tok, data, summary["layer"], 64)
     for sae in summary["saes"]:
         w = rows[f"{sae['name']}_top"].double()
         cos = float(w @ r / (w.norm() * r.norm()))
-        assert cos == pytest.approx(sae["max_single_latent_cosine"], abs=0.06)
+        assert cos == pytest.approx(sae["max_single_latent_cosine"], abs=0.01)
         assert cos < 0.3  # far below the paper's 0.68 / 0.41
 
 
