@@ -169,7 +169,7 @@ def test_first_order_prediction_of_an_upstream_latent_matches_the_measured_chang
 def test_steering_with_the_top_upstream_latents_moves_r_more_than_random_directions(safe):
     """Lee et al.'s steering validation, read out on R (the generations are in lee.json): on borderline prompts,
     the top positive latent added at 4x its mean activation raises R more than random directions of the same size,
-    and the top negative latent lowers it more (measured on 17 / 15 prompts: ΔR +24.0 vs +8.4 and −28.1 vs −2.1 for
+    and the top negative latent lowers it more (measured on 17 / 15 prompts: ΔR +24.0 vs +8.3 and −28.1 vs −2.1 for
     random SAE latents)."""
     from refusal_lens.direction.interventions import adder, apply_direction
     from refusal_lens.lens.upstream import refusal_projection
