@@ -146,6 +146,20 @@ def test_activation_cache_is_reused_and_checked(saved_model, data_file, tmp_path
     assert "activation cache" in capsys.readouterr().out
 
 
+def test_cache_tokens_sets_the_cache_size_and_training_cycles_through_it(saved_model, data_file, tmp_path, capsys):
+    """--cache-tokens 64 with --tokens 128: the cache holds 64 activations, training reads 128 (two passes)."""
+    common = ["--model", str(saved_model), "--data-file", str(data_file), "--width", "32", "--k", "4", "--tokens",
+              "128", "--batch-size", "32", "--norm-batches", "1", "--no-progress", "--log-every", "1",
+              "--layer", "1"]  # fmt: skip
+    assert main(["train", *common, "--cache-tokens", "64", "--out", str(tmp_path / "x")]) == 2  # no --cache
+    assert "--cache" in capsys.readouterr().out
+    cache = tmp_path / "cache"
+    assert main(["train", *common, "--cache", str(cache), "--cache-tokens", "64", "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((cache / "index.json").read_text())["n_tokens"] == 64
+    log = [json.loads(line) for line in (tmp_path / "a" / "training_log.jsonl").read_text().splitlines()]
+    assert log[-1]["tokens"] == 128
+
+
 def test_sae_export_round_trips_through_the_console_script(tmp_path):
     """sae export writes sparsify's layout under the hookpoint of the SAE's site, and it reads back identically."""
     from refusal_lens.sae import load_sae, save_saelens

@@ -82,6 +82,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache", default=None, help="activation cache folder: written on first use, then replayed (one model pass)"
     )
+    parser.add_argument(
+        "--cache-tokens",
+        type=number(int, 1),
+        default=None,
+        help="activations written to a new --cache (default: --tokens); training cycles through them, so a "
+        "model pass far slower than an SAE step (a real model on CPU) is paid once for several epochs",
+    )
     _add_model_arguments(parser)
     _add_fields(parser, SAEConfig, "SAE")
     _add_fields(parser, TrainConfig, "training")
@@ -158,6 +165,8 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
     for a in archs:
         if a not in ARCHITECTURES:
             raise UserError(f"--arch {a!r} is unknown; choose from {', '.join(ARCHITECTURES)}.")
+    if args.cache_tokens is not None and not args.cache:
+        raise UserError("--cache-tokens sets the size of an activation cache; give the cache folder with --cache.")
     # Training writes checkpoints into --out as it goes (for --resume), so it is checked, not staged.
     check_out_dir(args.out, args.overwrite or args.resume, input_paths(args))
     model, tokenizer = _load_model(args)
@@ -169,7 +178,8 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
         cache = Path(args.cache)
         if not (cache / "index.json").exists():
             if rank == 0:
-                write_activation_cache(source, cache, train_cfg.tokens, metadata=source.describe())
+                n_cache = args.cache_tokens or train_cfg.tokens
+                write_activation_cache(source, cache, n_cache, metadata=source.describe())
             if world > 1:
                 import torch.distributed as dist
 

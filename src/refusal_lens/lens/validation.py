@@ -134,6 +134,7 @@ def boundary_steering(
     seed: int = 0,
     max_new_tokens: int = 32,
     baseline: Sequence[bool] | None = None,
+    target_position: int = -1,
 ) -> dict[str, Any]:
     """Steering where it can show an effect, next to random latents of the same size.
 
@@ -145,12 +146,13 @@ def boundary_steering(
     SAEs this is used with; ``alpha_over_site_norm`` compares the size with the mean activation norm at the
     site, since at sizes near it any direction breaks the model). Each row gives, on that subset, the
     refusal rate and the mean change of R for the latent and for the controls (mean), and whether the
-    latent moved each further than the controls in the expected direction.
+    latent moved each further than the controls in the expected direction. R is read at ``target_position``
+    (the direction's own position; a direction selected at −5 read at −1 would measure another quantity).
     """
     base = (
         list(baseline) if baseline is not None else refusals(model, tokenizer, formatter, prompts, None, max_new_tokens)
     )
-    r0 = refusal_projection(model, formatter, list(prompts), direction, target_layer)
+    r0 = refusal_projection(model, formatter, list(prompts), direction, target_layer, target_position)
     norm = mean_site_norm(model, formatter, sae, prompts)
     controls = control_latents(sae.W_dec.shape[0], [k for _, k, _ in latents], n_controls, seed)
     rows: list[dict[str, Any]] = []
@@ -168,7 +170,7 @@ def boundary_steering(
                 rows.append(row | {"skipped": f"no prompt is {row['subset']} at baseline"})
                 continue
             effect = lambda j, a=alpha, s=sub, r=r0[idx]: _steered(  # noqa: E731
-                model, tokenizer, formatter, sae, direction, target_layer, s, r, j, a, max_new_tokens
+                model, tokenizer, formatter, sae, direction, target_layer, s, r, j, a, max_new_tokens, target_position
             )
             rate, d_r = effect(k)
             ctrl = [effect(j) for j in controls]
@@ -199,9 +201,10 @@ def _steered(
     latent: int,
     alpha: float,
     max_new_tokens: int,
+    target_position: int = -1,
 ) -> tuple[float, float]:
     """(refusal rate, mean change of R) with ``alpha·W_dec[latent]`` added at the prompt's positions."""
     factory = lambda: add_latent(model, sae, latent, alpha, positions="prompt")  # noqa: E731
     refused = refusals(model, tokenizer, formatter, prompts, factory, max_new_tokens)
-    r = refusal_projection(model, formatter, list(prompts), direction, target_layer, context=factory)
+    r = refusal_projection(model, formatter, list(prompts), direction, target_layer, target_position, factory)
     return sum(refused) / len(refused), float((r - r0).mean())
