@@ -2,7 +2,8 @@
 paper's sizes (128 training and 32 validation prompts each, the shared splits): wall time and CPU time, with one
 thread against more (``--threads``), or against the default thread choice.
 
-    python benchmarks/bench_direction_cli.py [--model smollm2-safe] [--threads 1 2] [--repeats 1] [--extra "..."]
+    python benchmarks/bench_direction_cli.py [--model smollm2-safe] [--threads 1 default] [--repeats 1] \
+        [--extra=--fallback-drop-induce]
 
 The issue's target (#15): ``direction`` on SmolLM2 with the paper's sizes finishes in at most 3 min on 2 cores.
 Each run's wall and CPU seconds (children's user+sys), the load average before it and the selection's outcome are
@@ -55,7 +56,7 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-safe")
     p.add_argument("--threads", nargs="+", default=["1", "default"], help="settings to compare ('default': none)")
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--extra", default="", help="more direction options, e.g. '--system \"...\"'")
+    p.add_argument("--extra", default="", help="more direction options, one string: --extra=--fallback-drop-induce")
     args = p.parse_args()
     if not SPLITS.is_dir():
         print(f"needs the shared prompt files at {SPLITS}", file=sys.stderr)
