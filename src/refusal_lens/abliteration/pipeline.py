@@ -23,6 +23,7 @@ from ..core.progress import progress_bar
 from ..core.prompts import ChatFormatter
 from ..direction.scoring import detect_refusal_tokens
 from ..direction.variants import DirectionSet
+from .gradient import GradientSearch, strength_gradients
 from .objectives import Evaluator, generated_refusals
 from .search import Checkpoint, Point, Search, SearchConfig, pareto_front
 
@@ -33,8 +34,12 @@ class AbliterateConfig:
     """Harmful and harmless prompts each whose mean activations give the directions."""
     n_search: int = 64
     """Harmful and harmless prompts each (held out from the directions) that score every search point."""
+    strategy: str = "gradient"
+    """Search: "gradient" (direction scan, then steps along KL bounds with a free strength per layer, from the
+    gradients of both objectives) or "coordinate" (kernel grid and coordinate descent, no gradients)."""
     max_evaluations: int = 150
-    """Most points the search scores (first-token objectives, one forward pass per batch each)."""
+    """Most points the search scores (first-token objectives, one forward pass per batch each; a gradient step is
+    one point that costs about three)."""
     check_points: int = 8
     """Front points checked by generating replies (the chosen point is always among them)."""
     check_tokens: int = 64
@@ -148,21 +153,22 @@ def abliterate(
             k: v for k, v in asdict(cfg).items() if k not in ("check_points", "check_tokens", "max_evaluations")
         },
     }
+    if cfg.strategy not in ("gradient", "coordinate"):
+        raise UserError(f"--strategy {cfg.strategy!r} is unknown; choose gradient or coordinate.")
     store = Checkpoint(checkpoint, fingerprint)
     resumed = len(store.rows)
-    first_seen: dict[str, float] = {}
-    search = Search(
-        directions,
-        evaluator,
-        store,
-        SearchConfig(
-            max_evaluations=cfg.max_evaluations,
-            target_kl=(0.02 if max_kl is None else max_kl) if max_refusal is None else None,
-            target_refusal=max_refusal,
-        ),
-        progress,
-        on_point=lambda row: first_seen.setdefault(json.dumps(row["point"]), time.perf_counter() - t0),
+    search_cfg = SearchConfig(
+        max_evaluations=cfg.max_evaluations,
+        target_kl=(0.02 if max_kl is None else max_kl) if max_refusal is None else None,
+        target_refusal=max_refusal,
     )
+    if cfg.strategy == "gradient":
+        search: Search = GradientSearch(
+            directions, evaluator, store, search_cfg, progress,
+            gradients=lambda plan: strength_gradients(evaluator, plan), exact_hooks=not cfg.norm_preserving,
+        )  # fmt: skip
+    else:
+        search = Search(directions, evaluator, store, search_cfg, progress)
     rows = search.run()
     t_search = time.perf_counter() - t0
     front = pareto_front(rows)

@@ -57,7 +57,8 @@ OFF = Kernel(0.0, 0.0, 0.0, 0.0)
 
 @dataclass(frozen=True)
 class Point:
-    """One candidate abliteration: the direction and the two kernels."""
+    """One candidate abliteration: the direction and the two kernels, or (``attn_w``/``mlp_w``, found by the
+    gradient search) one free strength per layer, which then replaces the kernel."""
 
     index: float
     scope: str = "global"  # "global" or "per_layer"
@@ -65,22 +66,35 @@ class Point:
     attn: Kernel = Kernel()
     mlp: Kernel = Kernel()
     embed: float = 0.0
+    attn_w: tuple[float, ...] | None = None
+    mlp_w: tuple[float, ...] | None = None
 
     def key(self) -> str:
         return json.dumps(self.to_json(), sort_keys=True)
 
     def to_json(self) -> dict[str, Any]:
-        rounded = json.loads(json.dumps(asdict(self)), parse_float=lambda s: round(float(s), 6))
-        return rounded
+        # free strengths are left out when absent, so kernel points keep the keys older checkpoints have
+        plain = {k: v for k, v in asdict(self).items() if v is not None}
+        return json.loads(json.dumps(plain), parse_float=lambda s: round(float(s), 6))
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Point:
-        return cls(**{**obj, "attn": Kernel(**obj["attn"]), "mlp": Kernel(**obj["mlp"])})
+        free = {k: tuple(obj[k]) for k in ("attn_w", "mlp_w") if obj.get(k) is not None}
+        return cls(**{**obj, "attn": Kernel(**obj["attn"]), "mlp": Kernel(**obj["mlp"]), **free})
+
+    def strengths(self, n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = self.attn.weights(n_layers) if self.attn_w is None else torch.tensor(self.attn_w, dtype=torch.float64)
+        mlp = self.mlp.weights(n_layers) if self.mlp_w is None else torch.tensor(self.mlp_w, dtype=torch.float64)
+        return attn, mlp
+
+    def same_direction(self, other: Point) -> bool:
+        return (self.index, self.scope, self.projected, self.embed) == (
+            other.index, other.scope, other.projected, other.embed)  # fmt: skip
 
     def plan(self, directions: DirectionSet) -> AblationPlan:
         dirs, embed_dir = directions.plan_directions(self.index, self.scope, self.projected)
-        L = directions.n_layers
-        return AblationPlan(dirs, self.attn.weights(L), self.mlp.weights(L), embed_dir, self.embed)
+        attn, mlp = self.strengths(directions.n_layers)
+        return AblationPlan(dirs, attn, mlp, embed_dir, self.embed)
 
 
 def pareto_front(rows: list[dict[str, Any]], refusal_key: str = "refusal") -> list[dict[str, Any]]:
@@ -137,6 +151,15 @@ class SearchConfig:
     """Refine first for the fewest refusals with KL at most this (the user's --max-kl)."""
     target_refusal: float | None = None
     """Refine first for the lowest KL with the first-token refusal at most this (the user's --max-refusal)."""
+    scan_indices: int = 8
+    """Gradient search: direction indices scored with full ablation (spread over depth; then the best one's
+    neighbours, its projected form and the per-layer directions)."""
+    kl_bounds: tuple[float, ...] = (0.01, 0.03, 0.3, 1.0)
+    """Gradient search: after the user's bound, trace the front at these KL bounds (fewest refusals under each)."""
+    gradient_steps: int = 3
+    """Gradient search: steps per bound (twice as many for the user's bound)."""
+    step: float = 0.15
+    """Gradient search: largest change of any strength along the front per step (halved when a step fails)."""
 
 
 class Search:
@@ -165,16 +188,21 @@ class Search:
         if row is None:
             if len(self.checkpoint.rows) >= self.cfg.max_evaluations:
                 return None
-            scores = self.evaluate(point.plan(self.directions))
-            seconds = round(time.perf_counter() - self.t0, 3)  # since this run's search began (benchmarks use it)
-            row = {"point": point.to_json(), "phase": phase, **scores.to_json(), "seconds": seconds}
-            self.checkpoint.add(row)
-            self.bar.update(1)
-            self.bar.set_postfix(refusal=f"{row['refusal']:.3f}", kl=f"{row['kl']:.4f}")
-            if self.on_point:
-                self.on_point(row)
+            row = self.record(point, phase, self.evaluate(point.plan(self.directions)))
         if row not in self.order:
             self.order.append(row)
+        return row
+
+    def record(self, point: Point, phase: str, scores: Scores) -> dict[str, Any]:
+        """Checkpoint a freshly scored point."""
+        seconds = round(time.perf_counter() - self.t0, 3)  # since this run's search began (benchmarks use it)
+        row = {"point": point.to_json(), "phase": phase, **scores.to_json(), "seconds": seconds}
+        self.checkpoint.add(row)
+        self.bar.update(1)
+        self.bar.set_postfix(refusal=f"{row['refusal']:.3f}", kl=f"{row['kl']:.4f}")
+        if self.on_point:
+            self.on_point(row)
+        self.order.append(row)
         return row
 
     def _all(self, points: Iterable[Point], phase: str) -> list[dict[str, Any]]:
