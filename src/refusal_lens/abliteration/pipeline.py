@@ -169,6 +169,7 @@ def abliterate(
         )  # fmt: skip
     else:
         search = Search(directions, evaluator, store, search_cfg, progress)
+    search.t0 = t0  # a point's "seconds" count from the start of the whole run (directions included)
     rows = search.run()
     t_search = time.perf_counter() - t0
     front = pareto_front(rows)
