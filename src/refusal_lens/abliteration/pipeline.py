@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -105,10 +106,14 @@ def _to_check(front: list[dict[str, Any]], k: int, max_kl: float | None, max_ref
         limit = 0.02 if max_kl is None else max_kl
         under = sorted((r for r in front if r["kl"] <= limit), key=lambda r: r["refusal"])
     chosen = under[: max(1, k // 2)]
-    rest = [r for r in front if r not in chosen]
-    if rest and k > len(chosen):
-        n = k - len(chosen)
-        chosen += [rest[round(i * (len(rest) - 1) / max(n - 1, 1))] for i in range(min(n, len(rest)))]
+    rest = sorted((r for r in front if r not in chosen), key=lambda r: r["kl"])
+    # the others spread evenly in log KL (a gradient search leaves many front points close together)
+    logs = [math.log(max(r["kl"], 1e-6)) for r in rest]
+    n = min(k - len(chosen), len(rest))
+    for i in range(n):
+        target = logs[0] + (logs[-1] - logs[0]) * i / max(n - 1, 1)
+        free = [j for j in range(len(rest)) if rest[j] not in chosen]
+        chosen.append(rest[min(free, key=lambda j: abs(logs[j] - target))])
     unique = {json.dumps(r["point"], sort_keys=True): r for r in chosen}
     return list(unique.values())
 
