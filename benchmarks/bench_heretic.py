@@ -319,6 +319,11 @@ def cmd_report(args) -> None:
     path = w / f"eval-ours-heretic-{tag}.json"
     ours_h = json.loads(path.read_text())["points"] if path.is_file() else []
     runs = _heretic_runs(w, tag)
+    # our own front check runs on heretic's evaluation prompts (its 39 harmful, first-token KL on its 100 harmless
+    # when --n-search 100): the same numbers, our substring judge and 64 tokens instead of its markers and 100
+    checked = json.loads((w / f"ours-{tag}" / "front.json").read_text())["checked"]
+    ours_c = [{"refusals": r["refusals_generated"], "kl": r["kl"], "seconds": ours["startup_s"] + r["seconds"]}
+              for r in checked]  # fmt: skip
     lines = [f"## refusal-lens abliterate vs heretic ({condition}; {Path(args.model).name})", "",
              f"refusal-lens: {ours['wall_s']:.0f} s wall for the whole command (start-up and load "
              f"{ours['startup_s']:.0f} s, directions, {ours['summary']['evaluations']} scored points, front check); "
@@ -339,22 +344,28 @@ def cmd_report(args) -> None:
         hf = _front(trials, "refusals")
         lines += ["", f"### heretic's evaluator ({n} harmful validation prompts, its refusal markers; KL on 100 "
                   f"harmless validation prompts; original {base}/{n}): {name}, {len(trials)} trials", "",
-                  "| heretic front: trial | refusals | KL | first refusal-lens point that dominates it (found after) |",
-                  "|---|---|---|---|"]  # fmt: skip
+                  "| heretic front: trial | refusals | KL | first refusal-lens point that dominates it, by heretic's "
+                  "evaluator (found after) | ... by refusal-lens's own check on the same prompts |",
+                  "|---|---|---|---|---|"]  # fmt: skip
         for h in hf:
-            by = [o for o in ours_h if o["refusals"] <= h["refusals"] and o["kl"] <= h["kl"]]
-            first = min(by, key=lambda o: o["seconds"], default=None)
-            cell = "no" if first is None else f"{first['refusals']}/{n} at {first['kl']:.4f}, {first['seconds']:.0f} s"
-            lines.append(f"| {h['trial']} | {h['refusals']}/{n} | {h['kl']:.4f} | {cell if ours_h else 'not scored'} |")
+            cells = []
+            for pool in (ours_h, ours_c):
+                by = [o for o in pool if o["refusals"] <= h["refusals"] and o["kl"] <= h["kl"]]
+                first = min(by, key=lambda o: o["seconds"], default=None)
+                cells.append("not scored" if not pool else "no" if first is None else
+                             f"{first['refusals']}/{n} at {first['kl']:.4f} ({first['seconds']:.0f} s)")  # fmt: skip
+            lines.append(f"| {h['trial']} | {h['refusals']}/{n} | {h['kl']:.4f} | {cells[0]} | {cells[1]} |")
         pick = min((t for t in hf if t["kl"] <= 0.1), key=lambda t: (t["refusals"], t["kl"]), default=None)
         if pick:
             lines += ["", f"heretic's pick (fewest refusals with KL <= 0.1): trial {pick['trial']}, "
                       f"{pick['refusals']}/{n} at KL {pick['kl']:.4f}."]  # fmt: skip
+    lines += ["", "refusal-lens checked points, own check on heretic's prompts: " + ", ".join(
+        f"{o['refusals']} @ {o['kl']:.4f}" for o in sorted(ours_c, key=lambda o: o["kl"]))]  # fmt: skip
     if ours_h:
         lines += ["", "refusal-lens points by heretic's evaluator: " + ", ".join(
             f"{o['refusals']}/{o['n']} @ {o['kl']:.4f}" for o in sorted(ours_h, key=lambda o: o["kl"]))]  # fmt: skip
     (w / f"report-{tag}.md").write_text("\n".join(lines) + "\n")
-    _plot(Path(args.figure or w / f"fronts-{tag}.png"), pts, ours_h, runs, condition)
+    _plot(Path(args.figure or w / f"fronts-{tag}.png"), pts, ours_h or ours_c, runs, condition)
     print("\n".join(lines))
 
 
@@ -379,9 +390,9 @@ def _plot(path: Path, ours: list[dict], ours_h: list[dict], runs: dict[str, dict
     if ours_h:
         of = _front(ours_h, "refusals")
         axes[1].scatter([o["kl"] for o in ours_h], [o["refusals"] for o in ours_h], c="#4c72b0", s=16, marker="D",
-                        label="refusal-lens (checked points)")  # fmt: skip
+                        label="refusal-lens" + ("" if "n" in ours_h[0] else " (own judge)"))  # fmt: skip
         axes[1].step([o["kl"] for o in of], [o["refusals"] for o in of], where="post", c="#4c72b0")
-    n = next(iter(runs.values()))["trials"][0]["n"] if runs else (ours_h[0]["n"] if ours_h else "?")
+    n = next(iter(runs.values()))["trials"][0]["n"] if runs else "?"
     axes[1].set(xscale="symlog", xlabel="KL (heretic's evaluator)", ylabel=f"refusals /{n}",
                 title="heretic's evaluator, both tools")  # fmt: skip
     for ax in axes:

@@ -26,7 +26,7 @@ from torch import nn
 from ..core.hooks import site_hooks
 from ..direction.strengths import AblationPlan
 from .objectives import Evaluator, Scores
-from .search import Kernel, Point, Search
+from .search import Kernel, Point, Search, greedy_refusal
 
 
 @dataclass
@@ -178,10 +178,13 @@ class GradientSearch(Search):
         return row, g
 
     def _trace(self, base: Point, bounded: str, bound: float, steps: int) -> None:
+        def value(r: dict[str, Any], name: str) -> float:
+            return greedy_refusal(r) if name == "refusal" else r[name]
+
         other = "refusal" if bounded == "kl" else "kl"
 
         def badness(r: dict[str, Any]) -> float:  # feasible points by the other objective; infeasible ones last
-            return r[other] if r[bounded] <= bound else 10.0 + r[bounded] / max(bound, 1e-9)
+            return value(r, other) if value(r, bounded) <= bound else 10.0 + value(r, bounded) / max(bound, 1e-9)
 
         # start from the points this run has visited so far (not every checkpointed one): a resumed run then
         # retraces the interrupted run's path and rescores nothing
@@ -204,11 +207,11 @@ class GradientSearch(Search):
             tangent = g_other - (float(g_other @ g_bounded) / norm2) * g_bounded if norm2 > 0 else g_other
             move = -alpha * tangent / tangent.abs().max().clamp_min(1e-12)
             if norm2 > 0:
-                value = max(current[bounded], 1e-12)
+                now = max(current[bounded], 1e-12)  # the smooth measure: the gradient is of this one
                 if bounded == "kl":  # KL grows like the square of a small edit: a Newton step on sqrt(KL)
-                    back = (math.sqrt(0.9 * bound) - math.sqrt(value)) * 2 * math.sqrt(value) / norm2 * g_bounded
+                    back = (math.sqrt(0.9 * bound) - math.sqrt(now)) * 2 * math.sqrt(now) / norm2 * g_bounded
                 else:
-                    back = (bound - value) / norm2 * g_bounded
+                    back = (bound - now) / norm2 * g_bounded
                 move = move + back / max(1.0, float(back.abs().max()) / 0.5)  # at most 0.5 per strength
             theta = (theta + move).clamp(0.0, 1.5)
             values = [round(float(v), 4) for v in theta]

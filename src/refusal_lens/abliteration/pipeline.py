@@ -26,7 +26,7 @@ from ..direction.scoring import detect_refusal_tokens
 from ..direction.variants import DirectionSet
 from .gradient import GradientSearch, strength_gradients
 from .objectives import Evaluator, generated_refusals
-from .search import Checkpoint, Point, Search, SearchConfig, pareto_front
+from .search import Checkpoint, Point, Search, SearchConfig, greedy_refusal, pareto_front
 
 
 @dataclass
@@ -101,10 +101,10 @@ def pick(front: list[dict[str, Any]], max_kl: float | None, max_refusal: float |
 def _to_check(front: list[dict[str, Any]], k: int, max_kl: float | None, max_refusal: float | None) -> list[dict]:
     """Front points worth generating for: the best few under the user's bound, then a spread of the rest."""
     if max_refusal is not None:
-        under = sorted((r for r in front if r["refusal"] <= 1.5 * max_refusal + 0.02), key=lambda r: r["kl"])
+        under = sorted((r for r in front if greedy_refusal(r) <= 1.5 * max_refusal + 0.02), key=lambda r: r["kl"])
     else:
         limit = 0.02 if max_kl is None else max_kl
-        under = sorted((r for r in front if r["kl"] <= limit), key=lambda r: r["refusal"])
+        under = sorted((r for r in front if r["kl"] <= limit), key=greedy_refusal)
     chosen = under[: max(1, k // 2)]
     rest = sorted((r for r in front if r not in chosen), key=lambda r: r["kl"])
     # the others spread evenly in log KL (a gradient search leaves many front points close together)
@@ -177,7 +177,7 @@ def abliterate(
     search.t0 = t0  # a point's "seconds" count from the start of the whole run (directions included)
     rows = search.run()
     t_search = time.perf_counter() - t0
-    front = pareto_front(rows)
+    front = pareto_front(rows, "greedy")  # the generated refusal count follows the greedy first token
     checked = []
     base_n, _ = generated_refusals(model, tokenizer, fmt, hf_search, None, cfg.check_tokens, cfg.batch_size)
     to_check = _to_check(front, cfg.check_points, max_kl, max_refusal)

@@ -1,7 +1,11 @@
 """A structured search for the Pareto front of (refusal, KL on harmless prompts).
 
-Instead of hundreds of blind trials, the search follows the model's structure, in three phases, each scored
-with the cheap first-token objectives (:mod:`.objectives`):
+Two strategies share the points, the checkpoint and the front: the default, :class:`.gradient.GradientSearch`
+(a direction scan, then steps along KL bounds from the gradients of both objectives with respect to every
+per-layer strength), and :class:`Search` here ("coordinate"), which needs no gradients.
+
+Instead of hundreds of blind trials, the coordinate search follows the model's structure, in three phases, each
+scored with the cheap first-token objectives (:mod:`.objectives`):
 
 1. **direction**: full ablation (strength 1 everywhere) with each integer direction index, plain and
    projected, global and per-layer: which direction removes refusal at all;
@@ -97,14 +101,22 @@ class Point:
         return AblationPlan(dirs, attn, mlp, embed_dir, self.embed)
 
 
+def greedy_refusal(row: dict[str, Any]) -> float:
+    """The refusal measure the front is traced and checked with: the fraction of harmful prompts whose most likely
+    first token is a refusal token (what greedy generation starts with, so it tracks the generated refusal count),
+    plus a small share of the mean refusal probability, which breaks its ties and is what the gradients follow."""
+    return row.get("refusal_argmax", row["refusal"]) + 0.05 * row["refusal"]
+
+
 def pareto_front(rows: list[dict[str, Any]], refusal_key: str = "refusal") -> list[dict[str, Any]]:
     """Rows not dominated in (refusal, kl), sorted by KL (ties: first seen)."""
-    ordered = sorted(rows, key=lambda r: (r["kl"], r[refusal_key]))
+    value = greedy_refusal if refusal_key == "greedy" else (lambda r: r[refusal_key])
+    ordered = sorted(rows, key=lambda r: (r["kl"], value(r)))
     front, best = [], float("inf")
     for r in ordered:
-        if r[refusal_key] < best - 1e-12:
+        if value(r) < best - 1e-12:
             front.append(r)
-            best = r[refusal_key]
+            best = value(r)
     return front
 
 
@@ -154,7 +166,7 @@ class SearchConfig:
     scan_indices: int = 8
     """Gradient search: direction indices scored with full ablation (spread over depth; then the best one's
     neighbours, its projected form and the per-layer directions)."""
-    kl_bounds: tuple[float, ...] = (0.01, 0.03, 0.3, 1.0)
+    kl_bounds: tuple[float, ...] = (0.01, 0.03, 0.06, 0.2, 0.5, 1.0)
     """Gradient search: after the user's bound, trace the front at these KL bounds (fewest refusals under each)."""
     gradient_steps: int = 3
     """Gradient search: steps per bound (twice as many for the user's bound)."""
