@@ -115,3 +115,12 @@ def test_gradient_search_traces_bounds_and_resumes_without_rescoring(setup, tmp_
     assert len(first) == 9 and len(resumed_new) == len(fresh) - 9  # only the points not scored before
     key = {json.dumps(r["point"], sort_keys=True): (r["refusal"], r["kl"]) for r in fresh}
     assert {json.dumps(r["point"], sort_keys=True): (r["refusal"], r["kl"]) for r in resumed} == key
+
+
+def test_greedy_front_ranks_by_the_argmax_refusal_then_the_probability():
+    from refusal_lens.abliteration.search import pareto_front
+
+    values = [(0.70, 0.8, 0.1), (0.60, 0.8, 0.2), (0.75, 0.7, 0.3), (0.5, 0.9, 0.4)]  # mean, argmax, KL
+    rows = [{"refusal": m, "refusal_argmax": a, "kl": k, "i": i} for i, (m, a, k) in enumerate(values)]
+    assert [r["i"] for r in pareto_front(rows, "greedy")] == [0, 1, 2]  # 3 has the lowest mean but a worse argmax
+    assert [r["i"] for r in pareto_front(rows)] == [0, 1, 3]
