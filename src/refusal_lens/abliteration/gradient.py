@@ -139,7 +139,9 @@ class GradientSearch(Search):
             first = self.cfg.target_kl
             if first is not None:
                 self._trace(best, "kl", first, 2 * steps)
-            for bound in self.cfg.kl_bounds:
+            # the bounds nearest the user's first: a budget that runs out leaves the front traced around the pick
+            bounds = sorted(self.cfg.kl_bounds, key=lambda b: abs(math.log(b / (first or 0.1))))
+            for bound in bounds:
                 if first is None or abs(bound - first) > 0.2 * first:
                     self._trace(best, "kl", bound, steps)
         self.bar.close()
@@ -153,13 +155,18 @@ class GradientSearch(Search):
         rows = self._all([Point(float(i), "global", False, full, full) for i in indices], "direction")
         if not rows:
             return None
-        top = Point.from_json(min(rows, key=lambda r: (r["refusal"], r["kl"]))["point"])
+        top = Point.from_json(min(rows, key=lambda r: (greedy_refusal(r), r["kl"]))["point"])
         half = (indices[1] - indices[0]) // 2 if len(indices) > 1 else 0
         more = [replace(top, index=min(max(top.index + s * half, 1.0), L - 1.0)) for s in (-1, 1) if half]
         more += [replace(top, projected=True), Point(float(L // 2), "per_layer", False, full, full),
                  Point(float(L // 2), "per_layer", True, full, full)]  # fmt: skip
         rows += self._all(more, "direction")
-        return Point.from_json(min(rows, key=lambda r: (r["refusal"], r["kl"]))["point"])
+        # of the directions whose full ablation removes refusal (nearly as well as the best), the gentlest one:
+        # the front is traced by scaling it down, and a direction that costs less KL at full strength costs less
+        # at every strength (on SmolLM2 the deepest removing directions cost a quarter of the KL of the first)
+        least = min(greedy_refusal(r) for r in rows)
+        removing = [r for r in rows if greedy_refusal(r) <= 2 * least + 0.05]
+        return Point.from_json(min(removing, key=lambda r: (r["kl"], greedy_refusal(r)))["point"])
 
     def _gradient_point(self, point: Point, phase: str) -> tuple[dict[str, Any] | None, Gradients | None]:
         key = point.key()
