@@ -237,8 +237,12 @@ def cmd_heretic_eval(args) -> None:
     """Our saved front points scored by heretic's own evaluator (`heretic --evaluate-model`), one process each."""
     w, tag = Path(args.work), _tag(args.system)
     ours = json.loads((w / f"eval-ours-{tag}.json").read_text())
-    rows = []
+    path = w / f"eval-ours-heretic-{tag}.json"
+    rows = json.loads(path.read_text())["points"] if path.is_file() else []  # earlier calls' points are kept
+    wanted = {int(i) for i in args.points.split(",")} if args.points else set(range(len(ours["points"])))
     for i, point in enumerate(ours["points"]):
+        if i not in wanted or any(r["index"] == i for r in rows):
+            continue
         folder = w / f"ours-{tag}-points" / str(i)
         env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1"}
         res = subprocess.run([*_heretic_base(args), "--evaluate-model", str(folder)], stdin=subprocess.DEVNULL,
@@ -251,7 +255,7 @@ def cmd_heretic_eval(args) -> None:
         rows.append({"index": i, "refusals": int(refusals[-1][0]), "n": int(refusals[-1][1]), "kl": float(kl[-1]),
                      "seconds": point["seconds"], "independent": independent})  # fmt: skip
         print(rows[-1])
-    (w / f"eval-ours-heretic-{tag}.json").write_text(json.dumps({"points": rows}, indent=1))
+        path.write_text(json.dumps({"points": rows}, indent=1))
 
 
 def cmd_evaluate(args) -> None:
@@ -418,6 +422,7 @@ def main() -> None:
     p.add_argument("--heretic-extra", default="", help="extra heretic options, one string")
     p.add_argument("--save-points", action="store_true", help="save each checked front point's model (ours step)")
     p.add_argument("--extra", default="", help="extra options for refusal-lens abliterate, one string")
+    p.add_argument("--points", default="", help="heretic-eval: comma-separated indices of our checked points")
     p.add_argument("--figure", default=None, help="report: where to write the plot (default W/fronts-<tag>.png)")
     args = p.parse_args()
     steps = {"data": cmd_data, "ours": cmd_ours, "heretic": cmd_heretic, "heretic-eval": cmd_heretic_eval,
