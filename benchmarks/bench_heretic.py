@@ -308,8 +308,11 @@ def _heretic_runs(w: Path, tag: str) -> dict[str, dict]:
         done = [datetime.fromisoformat(t["completed"]).replace(tzinfo=timezone.utc).timestamp() for t in trials]
         if "end" in timing and len(trials) >= timing["trials"]:
             wall, measured = timing["end"] - timing["start"], True
-        else:  # still going or stopped early; linear in trials: each abliterates and evaluates the same prompts
-            wall, measured = (max(done) - timing["start"]) * timing["trials"] / len(trials), False
+        else:  # still going or stopped early: start-up (to the first trial) plus the mean time per later trial,
+            # times the trials asked for (each trial abliterates and evaluates the same prompts)
+            first, last = min(done), max(done)
+            per_trial = (last - first) / max(len(done) - 1, 1)
+            wall, measured = (first - timing["start"]) + per_trial * (timing["trials"] - 1), False
         runs[run_dir.name] = {"trials": trials, "n_trials": len(trials), "target": timing["trials"], "wall": wall,
                               "measured": measured, "elapsed": max(done) - timing["start"],
                               "load": timing.get("load_start")}  # fmt: skip
