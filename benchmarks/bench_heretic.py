@@ -400,7 +400,7 @@ def _plot(path: Path, ours: list[dict], ours_h: list[dict], runs: dict[str, dict
                         label="refusal-lens" + ("" if "n" in ours_h[0] else " (own judge)"))  # fmt: skip
         axes[1].step([o["kl"] for o in of], [o["refusals"] for o in of], where="post", c="#4c72b0")
     n = next(iter(runs.values()))["trials"][0]["n"] if runs else "?"
-    axes[1].set(xscale="symlog", xlabel="KL (heretic's evaluator)", ylabel=f"refusals /{n}",
+    axes[1].set(xlabel="KL (heretic's evaluator)", ylabel=f"refusals /{n}",
                 title="heretic's evaluator, both tools")  # fmt: skip
     for ax in axes:
         ax.grid(alpha=0.3)
