@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -119,20 +121,41 @@ def cmd_data(args) -> None:
     # heretic always sends a system message (an empty one for "none"); the organism's template would render it as
     # an empty system turn. The benchmark model is the same checkpoint with a template that skips empty system
     # messages, so "no system prompt" means the same prompt text for both tools.
-    src, model = Path(args.model), Path(args.work) / "model"
+    model = Path(args.work) / "model"
     model.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file():
-            shutil.copy2(f, model / f.name)
+    if Path(args.model).is_dir():
+        for f in Path(args.model).iterdir():
+            if f.is_file():
+                shutil.copy2(f, model / f.name)
+    else:  # a named model (smollm2-safe: the GGUF base plus the shipped LoRA) written out as a plain HF folder
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+        from refusal_lens import load_model
+
+        hf, tok = load_model(args.model)
+        hf.save_pretrained(model)
+        tok.save_pretrained(model)
     tpl = model / "chat_template.jinja"
-    old = "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '<|end|>\n' }}"
-    new = "{% if message['role'] == 'system' %}{% if message['content'] %}{{ '<|system|>\n' + message['content'] + "
-    new += "'<|end|>\n' }}{% endif %}"
     text = tpl.read_text()
-    if old not in text:
-        sys.exit(f"{tpl}: unexpected chat template; adapt the empty-system patch")
-    tpl.write_text(text.replace(old, new))
+    for old, new in EMPTY_SYSTEM_PATCHES:
+        text = text.replace(old, new)
+    if "content'] %}" not in text and "not messages[0]['content']" not in text:
+        sys.exit(f"{tpl}: unexpected chat template; adapt EMPTY_SYSTEM_PATCHES")
+    tpl.write_text(text)
     print(f"wrote {w} and {model}")
+
+
+# The organism's template and SmolLM2's, patched so that an empty system message renders as no system message
+# (SmolLM2 then inserts its default system prompt, as it does for a conversation without one).
+EMPTY_SYSTEM_PATCHES = (
+    ("{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '<|end|>\n' }}",
+     "{% if message['role'] == 'system' %}{% if message['content'] %}{{ '<|system|>\n' + message['content'] + "
+     "'<|end|>\n' }}{% endif %}"),
+    ("{% if loop.first and messages[0]['role'] != 'system' %}",
+     "{% if loop.first and (messages[0]['role'] != 'system' or not messages[0]['content']) %}"),
+    ("{{'<|im_start|>' + message['role']",
+     "{% if message['role'] != 'system' or message['content'] %}{{'<|im_start|>' + message['role']"),
+    ("'<|im_end|>' + '\n'}}{% endfor %}", "'<|im_end|>' + '\n'}}{% endif %}{% endfor %}"),
+)  # fmt: skip
 
 
 def _tag(system: str | None) -> str:
@@ -149,9 +172,10 @@ def cmd_ours(args) -> None:
            "--max-kl", str(args.max_kl), "--out", str(out), "--json", *shlex.split(args.extra)]  # fmt: skip
     if args.system:
         cmd += ["--system", args.system]
-    t0 = time.perf_counter()
+    t0, load_start = time.perf_counter(), os.getloadavg()
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     wall = time.perf_counter() - t0
+    args.load = {"start": load_start, "end": os.getloadavg()}
     if res.returncode:
         sys.exit(res.stderr)
     summary = json.loads(res.stdout)
@@ -177,28 +201,61 @@ def evaluate_our_front(args, out: Path, summary: dict, wall: float, startup: flo
         rows.append({**ev.compare(model), "point": row["point"], "seconds": startup + row["seconds"],
                      "search_refusal": row["refusal"], "search_kl": row["kl"]})  # fmt: skip
     result = {"tool": "refusal-lens", "system": args.system, "wall_s": wall, "startup_s": startup,
+              "load": getattr(args, "load", None),
               "original_refusals": ev.base["refusals"], "points": rows, "summary": summary}  # fmt: skip
     path = Path(args.work) / f"eval-ours-{_tag(args.system)}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"ours: {wall:.0f} s wall; evaluated {len(rows)} front points -> {path}")
 
 
-def cmd_heretic(args) -> None:
-    w = Path(args.work)
-    run_dir = w / f"heretic{args.label}-{_tag(args.system)}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    d = w / "data"
-    cmd = [args.heretic, "--model", args.model, "--system-prompt", args.system or "", "--n-trials", str(args.trials),
-           "--seed", "0", "--batch-size", "64", "--device-map", "cpu", "--dtypes", '["float32"]',
-           "--study-checkpoint-dir", str(run_dir / "study"), *shlex.split(args.heretic_extra)]  # fmt: skip
+def _heretic_base(args) -> list[str]:
+    d = Path(args.work) / "data"
+    cmd = [args.heretic, "--model", args.model, "--system-prompt", args.system or "", "--batch-size", "64",
+           "--device-map", "cpu", "--dtypes", '["float32"]']  # fmt: skip
     sets = (("good-prompts", "harmless_train"), ("bad-prompts", "harmful_train"),
             ("good-evaluation-prompts", "harmless_val"), ("bad-evaluation-prompts", "harmful_val"))  # fmt: skip
     for opt, name in sets:
         cmd += [f"--{opt}.dataset", str(d / name), f"--{opt}.split", "train", f"--{opt}.column", "instruction"]
+    return cmd
+
+
+def cmd_heretic(args) -> None:
+    run_dir = Path(args.work) / f"heretic{args.label}-{_tag(args.system)}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [*_heretic_base(args), "--n-trials", str(args.trials), "--seed", "0",
+           "--study-checkpoint-dir", str(run_dir / "study"), *shlex.split(args.heretic_extra)]  # fmt: skip
     t0 = time.time()
+    timing = {"start": t0, "trials": args.trials, "load_start": os.getloadavg()}
+    (run_dir / "timing.json").write_text(json.dumps(timing))  # a run still going: the report extrapolates
     with open(run_dir / "log.txt", "w") as log:
         subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir)
-    (run_dir / "timing.json").write_text(json.dumps({"start": t0, "end": time.time(), "trials": args.trials}))
+    timing |= {"end": time.time(), "load_end": os.getloadavg()}
+    (run_dir / "timing.json").write_text(json.dumps(timing))
+
+
+def cmd_heretic_eval(args) -> None:
+    """Our saved front points scored by heretic's own evaluator (`heretic --evaluate-model`), one process each."""
+    w, tag = Path(args.work), _tag(args.system)
+    ours = json.loads((w / f"eval-ours-{tag}.json").read_text())
+    path = w / f"eval-ours-heretic-{tag}.json"
+    rows = json.loads(path.read_text())["points"] if path.is_file() else []  # earlier calls' points are kept
+    wanted = {int(i) for i in args.points.split(",")} if args.points else set(range(len(ours["points"])))
+    for i, point in enumerate(ours["points"]):
+        if i not in wanted or any(r["index"] == i for r in rows):
+            continue
+        folder = w / f"ours-{tag}-points" / str(i)
+        env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1"}
+        res = subprocess.run([*_heretic_base(args), "--evaluate-model", str(folder)], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, env=env)  # fmt: skip
+        kl = re.findall(r"KL divergence: ([0-9.]+)", res.stdout)
+        refusals = re.findall(r"\* Refusals: (\d+)/(\d+)", res.stdout)
+        if not kl or not refusals:
+            sys.exit(f"heretic --evaluate-model {folder} printed no scores:\n{(res.stdout + res.stderr)[-3000:]}")
+        independent = {k: point[k] for k in ("refusals", "kl", "identical")}
+        rows.append({"index": i, "refusals": int(refusals[-1][0]), "n": int(refusals[-1][1]), "kl": float(kl[-1]),
+                     "seconds": point["seconds"], "independent": independent})  # fmt: skip
+        print(rows[-1])
+        path.write_text(json.dumps({"points": rows}, indent=1))
 
 
 def cmd_evaluate(args) -> None:
@@ -239,48 +296,87 @@ def _front(rows: list[dict], key: str) -> list[dict]:
     return front
 
 
+def _heretic_runs(w: Path, tag: str) -> dict[str, dict]:
+    """Every heretic run folder of this condition: its trials and its wall time (measured, or extrapolated to
+    the requested trial count from the trials finished so far when the run is still going or was stopped)."""
+    runs = {}
+    for run_dir in sorted(w.glob(f"heretic*-{tag}")):
+        trials = heretic_trials(run_dir)
+        if not trials or not (run_dir / "timing.json").is_file():
+            continue
+        timing = json.loads((run_dir / "timing.json").read_text())
+        done = [datetime.fromisoformat(t["completed"]).replace(tzinfo=timezone.utc).timestamp() for t in trials]
+        if "end" in timing and len(trials) >= timing["trials"]:
+            wall, measured = timing["end"] - timing["start"], True
+        else:  # still going or stopped early: start-up (to the first trial) plus the mean time per later trial,
+            # times the trials asked for (each trial abliterates and evaluates the same prompts)
+            first, last = min(done), max(done)
+            per_trial = (last - first) / max(len(done) - 1, 1)
+            wall, measured = (first - timing["start"]) + per_trial * (timing["trials"] - 1), False
+        runs[run_dir.name] = {"trials": trials, "n_trials": len(trials), "target": timing["trials"], "wall": wall,
+                              "measured": measured, "elapsed": max(done) - timing["start"],
+                              "load": timing.get("load_start")}  # fmt: skip
+    return runs
+
+
 def cmd_report(args) -> None:
-    w = Path(args.work)
-    tag = _tag(args.system)
+    w, tag = Path(args.work), _tag(args.system)
     condition = f"system prompt {args.system!r}" if args.system else "no system prompt"
-    lines = [f"## refusal-lens abliterate vs heretic ({condition})", ""]
     ours = json.loads((w / f"eval-ours-{tag}.json").read_text())
-    run_dir = w / f"heretic-{tag}"
-    trials = heretic_trials(run_dir) if run_dir.is_dir() else []
-    timing = json.loads((run_dir / "timing.json").read_text()) if (run_dir / "timing.json").is_file() else None
-    h_wall = None if timing is None else timing["end"] - timing["start"]
-    lines += [f"Wall time: refusal-lens {ours['wall_s']:.0f} s (whole command: load, directions, "
-              f"{ours['summary']['evaluations']} scored points, front check); heretic "
-              + (f"{h_wall:.0f} s for {timing['trials']} trials" if timing else "not run")
-              + (f" (ratio {h_wall / ours['wall_s']:.1f}x)." if timing else "."), ""]  # fmt: skip
-    lines += ["### Independent evaluator (JailbreakBench 100 harmful, Alpaca test 100 harmless; greedy 100 tokens)", "",
-              "| point | harmful refused /100 | first-token KL | harmless identical /100 | found after (s) |",
+    path = w / f"eval-ours-heretic-{tag}.json"
+    ours_h = json.loads(path.read_text())["points"] if path.is_file() else []
+    runs = _heretic_runs(w, tag)
+    # our own front check runs on heretic's evaluation prompts (its 39 harmful, first-token KL on its 100 harmless
+    # when --n-search 100): the same numbers, our substring judge and 64 tokens instead of its markers and 100
+    checked = json.loads((w / f"ours-{tag}" / "front.json").read_text())["checked"]
+    ours_c = [{"refusals": r["refusals_generated"], "kl": r["kl"], "seconds": ours["startup_s"] + r["seconds"]}
+              for r in checked]  # fmt: skip
+    lines = [f"## refusal-lens abliterate vs heretic ({condition}; {Path(args.model).name})", "",
+             f"refusal-lens: {ours['wall_s']:.0f} s wall for the whole command (start-up and load "
+             f"{ours['startup_s']:.0f} s, directions, {ours['summary']['evaluations']} scored points, front check); "
+             f"load average {ours.get('load')}."]  # fmt: skip
+    for name, r in runs.items():
+        how = "measured" if r["measured"] else (f"extrapolated from {r['n_trials']} trials in {r['elapsed']:.0f} s")
+        lines.append(f"{name}: {r['target']} trials, {r['wall']:.0f} s ({how}; load average at start {r['load']}); "
+                     f"ratio heretic / refusal-lens = **{r['wall'] / ours['wall_s']:.1f}x**.")  # fmt: skip
+    lines += ["", "### Independent evaluator (JailbreakBench 100 harmful, Alpaca test 100 harmless; greedy 100 tokens)",
+              "", "| point | harmful refused /100 | first-token KL | harmless identical /100 | found after (s) |",
               "|---|---|---|---|---|", f"| original | {ours['original_refusals']} | 0 | 100 | |"]  # fmt: skip
     pts = sorted(ours["points"], key=lambda r: r["kl"])
     for r in pts:
         lines.append(f"| refusal-lens | {r['refusals']} | {r['kl']:.4f} | {r['identical']} | {r['seconds']:.0f} |")
-    for path in sorted(w.glob(f"eval-heretic*-{tag}.json")):
-        for r in json.loads(path.read_text())["points"]:
-            lines.append(f"| heretic {Path(r['model']).name} | {r['refusals']} | {r['kl']:.4f} | {r['identical']} | |")
-    if trials:
-        hf = _front(trials, "refusals")
+    for name, r in runs.items():
+        trials = r["trials"]
         n, base = trials[0]["n"], trials[0]["base_refusals"]
-        counts = sorted({t["refusals"] for t in trials})
-        lines += ["", f"### heretic's own evaluation ({len(trials)} trials; its refusal markers on {n} harmful "
-                  f"validation prompts, KL on 100 harmless validation prompts; original: {base}/{n})", "",
-                  f"Refusal counts over all trials: {counts}. Pareto front:", "",
-                  "| trial | refusals | KL |", "|---|---|---|"]  # fmt: skip
-        lines += [f"| {t['trial']} | {t['refusals']}/{n} | {t['kl']:.4f} |" for t in hf]
+        hf = _front(trials, "refusals")
+        lines += ["", f"### heretic's evaluator ({n} harmful validation prompts, its refusal markers; KL on 100 "
+                  f"harmless validation prompts; original {base}/{n}): {name}, {len(trials)} trials", "",
+                  "| heretic front: trial | refusals | KL | first refusal-lens point that dominates it, by heretic's "
+                  "evaluator (found after) | ... by refusal-lens's own check on the same prompts |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for h in hf:
+            cells = []
+            for pool in (ours_h, ours_c):
+                by = [o for o in pool if o["refusals"] <= h["refusals"] and o["kl"] <= h["kl"]]
+                first = min(by, key=lambda o: o["seconds"], default=None)
+                cells.append("not scored" if not pool else "no" if first is None else
+                             f"{first['refusals']}/{n} at {first['kl']:.4f} ({first['seconds']:.0f} s)")  # fmt: skip
+            lines.append(f"| {h['trial']} | {h['refusals']}/{n} | {h['kl']:.4f} | {cells[0]} | {cells[1]} |")
         pick = min((t for t in hf if t["kl"] <= 0.1), key=lambda t: (t["refusals"], t["kl"]), default=None)
         if pick:
             lines += ["", f"heretic's pick (fewest refusals with KL <= 0.1): trial {pick['trial']}, "
-                      f"{pick['refusals']}/{n} refusals at KL {pick['kl']:.4f}."]  # fmt: skip
+                      f"{pick['refusals']}/{n} at KL {pick['kl']:.4f}."]  # fmt: skip
+    lines += ["", "refusal-lens checked points, own check on heretic's prompts: " + ", ".join(
+        f"{o['refusals']} @ {o['kl']:.4f}" for o in sorted(ours_c, key=lambda o: o["kl"]))]  # fmt: skip
+    if ours_h:
+        lines += ["", "refusal-lens points by heretic's evaluator: " + ", ".join(
+            f"{o['refusals']}/{o['n']} @ {o['kl']:.4f}" for o in sorted(ours_h, key=lambda o: o["kl"]))]  # fmt: skip
     (w / f"report-{tag}.md").write_text("\n".join(lines) + "\n")
-    _plot(w / f"fronts-{tag}.png", pts, trials)
+    _plot(Path(args.figure or w / f"fronts-{tag}.png"), pts, ours_h or ours_c, runs, condition)
     print("\n".join(lines))
 
 
-def _plot(path: Path, ours: list[dict], trials: list[dict]) -> None:
+def _plot(path: Path, ours: list[dict], ours_h: list[dict], runs: dict[str, dict], condition: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,30 +384,35 @@ def _plot(path: Path, ours: list[dict], trials: list[dict]) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     of = _front(ours, "refusals")
-    axes[0].scatter(
-        [r["kl"] for r in ours], [r["refusals"] for r in ours], c="#4c72b0", s=12, label="refusal-lens checked"
-    )
-    axes[0].step(
-        [r["kl"] for r in of], [r["refusals"] for r in of], where="post", c="#4c72b0", label="refusal-lens front"
-    )
+    axes[0].scatter([r["kl"] for r in ours], [r["refusals"] for r in ours], c="#4c72b0", s=12, label="refusal-lens")
+    axes[0].step([r["kl"] for r in of], [r["refusals"] for r in of], where="post", c="#4c72b0")
     axes[0].set(xscale="symlog", xlabel="first-token KL (Alpaca test)", ylabel="JailbreakBench refused /100",
-                title="independent evaluator")  # fmt: skip
-    if trials:
-        hf = _front(trials, "refusals")
-        axes[1].scatter([t["kl"] for t in trials], [t["refusals"] for t in trials], c="#dd8452", s=8, label="trials")
-        axes[1].step([t["kl"] for t in hf], [t["refusals"] for t in hf], where="post", c="#dd8452", label="front")
-        axes[1].set(xscale="symlog", xlabel="heretic's KL", ylabel=f"heretic's refusals /{trials[0]['n']}",
-                    title="heretic's own evaluation")  # fmt: skip
+                title=f"independent evaluator, {condition}")  # fmt: skip
+    colours = iter(["#dd8452", "#c44e52", "#8172b3"])
+    for name, r in runs.items():
+        c, hf = next(colours), _front(r["trials"], "refusals")
+        axes[1].scatter([t["kl"] for t in r["trials"]], [t["refusals"] for t in r["trials"]], c=c, s=6, alpha=0.5,
+                        label=f"{name} ({r['n_trials']} trials)")  # fmt: skip
+        axes[1].step([t["kl"] for t in hf], [t["refusals"] for t in hf], where="post", c=c)
+    if ours_h:
+        of = _front(ours_h, "refusals")
+        axes[1].scatter([o["kl"] for o in ours_h], [o["refusals"] for o in ours_h], c="#4c72b0", s=16, marker="D",
+                        label="refusal-lens" + ("" if "n" in ours_h[0] else " (own judge)"))  # fmt: skip
+        axes[1].step([o["kl"] for o in of], [o["refusals"] for o in of], where="post", c="#4c72b0")
+    n = next(iter(runs.values()))["trials"][0]["n"] if runs else "?"
+    axes[1].set(xlabel="KL (heretic's evaluator)", ylabel=f"refusals /{n}",
+                title="heretic's evaluator, both tools")  # fmt: skip
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=["data", "ours", "heretic", "evaluate", "report"])
+    p.add_argument("step", choices=["data", "ours", "heretic", "heretic-eval", "evaluate", "report"])
     p.add_argument("models", nargs="*")
     p.add_argument("--work", required=True)
     p.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "src/refusal_lens/organism/checkpoint"))
@@ -324,10 +425,12 @@ def main() -> None:
     p.add_argument("--heretic-extra", default="", help="extra heretic options, one string")
     p.add_argument("--save-points", action="store_true", help="save each checked front point's model (ours step)")
     p.add_argument("--extra", default="", help="extra options for refusal-lens abliterate, one string")
+    p.add_argument("--points", default="", help="heretic-eval: comma-separated indices of our checked points")
+    p.add_argument("--figure", default=None, help="report: where to write the plot (default W/fronts-<tag>.png)")
     args = p.parse_args()
-    {"data": cmd_data, "ours": cmd_ours, "heretic": cmd_heretic, "evaluate": cmd_evaluate, "report": cmd_report}[
-        args.step
-    ](args)
+    steps = {"data": cmd_data, "ours": cmd_ours, "heretic": cmd_heretic, "heretic-eval": cmd_heretic_eval,
+             "evaluate": cmd_evaluate, "report": cmd_report}  # fmt: skip
+    steps[args.step](args)
 
 
 if __name__ == "__main__":

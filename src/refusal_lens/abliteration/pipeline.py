@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -23,8 +24,9 @@ from ..core.progress import progress_bar
 from ..core.prompts import ChatFormatter
 from ..direction.scoring import detect_refusal_tokens
 from ..direction.variants import DirectionSet
+from .gradient import GradientSearch, strength_gradients
 from .objectives import Evaluator, generated_refusals
-from .search import Checkpoint, Point, Search, SearchConfig, pareto_front
+from .search import Checkpoint, Point, Search, SearchConfig, greedy_refusal, pareto_front
 
 
 @dataclass
@@ -33,8 +35,12 @@ class AbliterateConfig:
     """Harmful and harmless prompts each whose mean activations give the directions."""
     n_search: int = 64
     """Harmful and harmless prompts each (held out from the directions) that score every search point."""
+    strategy: str = "gradient"
+    """Search: "gradient" (direction scan, then steps along KL bounds with a free strength per layer, from the
+    gradients of both objectives) or "coordinate" (kernel grid and coordinate descent, no gradients)."""
     max_evaluations: int = 150
-    """Most points the search scores (first-token objectives, one forward pass per batch each)."""
+    """Most points the search scores (first-token objectives, one forward pass per batch each; a gradient step is
+    one point that costs about three)."""
     check_points: int = 8
     """Front points checked by generating replies (the chosen point is always among them)."""
     check_tokens: int = 64
@@ -95,15 +101,19 @@ def pick(front: list[dict[str, Any]], max_kl: float | None, max_refusal: float |
 def _to_check(front: list[dict[str, Any]], k: int, max_kl: float | None, max_refusal: float | None) -> list[dict]:
     """Front points worth generating for: the best few under the user's bound, then a spread of the rest."""
     if max_refusal is not None:
-        under = sorted((r for r in front if r["refusal"] <= 1.5 * max_refusal + 0.02), key=lambda r: r["kl"])
+        under = sorted((r for r in front if greedy_refusal(r) <= 1.5 * max_refusal + 0.02), key=lambda r: r["kl"])
     else:
         limit = 0.02 if max_kl is None else max_kl
-        under = sorted((r for r in front if r["kl"] <= limit), key=lambda r: r["refusal"])
+        under = sorted((r for r in front if r["kl"] <= limit), key=greedy_refusal)
     chosen = under[: max(1, k // 2)]
-    rest = [r for r in front if r not in chosen]
-    if rest and k > len(chosen):
-        n = k - len(chosen)
-        chosen += [rest[round(i * (len(rest) - 1) / max(n - 1, 1))] for i in range(min(n, len(rest)))]
+    rest = sorted((r for r in front if r not in chosen), key=lambda r: r["kl"])
+    # the others spread evenly in log KL (a gradient search leaves many front points close together)
+    logs = [math.log(max(r["kl"], 1e-6)) for r in rest]
+    n = min(k - len(chosen), len(rest))
+    for i in range(n):
+        target = logs[0] + (logs[-1] - logs[0]) * i / max(n - 1, 1)
+        free = [j for j in range(len(rest)) if rest[j] not in chosen]
+        chosen.append(rest[min(free, key=lambda j: abs(logs[j] - target))])
     unique = {json.dumps(r["point"], sort_keys=True): r for r in chosen}
     return list(unique.values())
 
@@ -148,24 +158,26 @@ def abliterate(
             k: v for k, v in asdict(cfg).items() if k not in ("check_points", "check_tokens", "max_evaluations")
         },
     }
+    if cfg.strategy not in ("gradient", "coordinate"):
+        raise UserError(f"--strategy {cfg.strategy!r} is unknown; choose gradient or coordinate.")
     store = Checkpoint(checkpoint, fingerprint)
     resumed = len(store.rows)
-    first_seen: dict[str, float] = {}
-    search = Search(
-        directions,
-        evaluator,
-        store,
-        SearchConfig(
-            max_evaluations=cfg.max_evaluations,
-            target_kl=(0.02 if max_kl is None else max_kl) if max_refusal is None else None,
-            target_refusal=max_refusal,
-        ),
-        progress,
-        on_point=lambda row: first_seen.setdefault(json.dumps(row["point"]), time.perf_counter() - t0),
+    search_cfg = SearchConfig(
+        max_evaluations=cfg.max_evaluations,
+        target_kl=(0.02 if max_kl is None else max_kl) if max_refusal is None else None,
+        target_refusal=max_refusal,
     )
+    if cfg.strategy == "gradient":
+        search: Search = GradientSearch(
+            directions, evaluator, store, search_cfg, progress,
+            gradients=lambda plan: strength_gradients(evaluator, plan), exact_hooks=not cfg.norm_preserving,
+        )  # fmt: skip
+    else:
+        search = Search(directions, evaluator, store, search_cfg, progress)
+    search.t0 = t0  # a point's "seconds" count from the start of the whole run (directions included)
     rows = search.run()
     t_search = time.perf_counter() - t0
-    front = pareto_front(rows)
+    front = pareto_front(rows, "greedy")  # the generated refusal count follows the greedy first token
     checked = []
     base_n, _ = generated_refusals(model, tokenizer, fmt, hf_search, None, cfg.check_tokens, cfg.batch_size)
     to_check = _to_check(front, cfg.check_points, max_kl, max_refusal)

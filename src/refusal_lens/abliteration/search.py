@@ -1,7 +1,11 @@
 """A structured search for the Pareto front of (refusal, KL on harmless prompts).
 
-Instead of hundreds of blind trials, the search follows the model's structure, in three phases, each scored
-with the cheap first-token objectives (:mod:`.objectives`):
+Two strategies share the points, the checkpoint and the front: the default, :class:`.gradient.GradientSearch`
+(a direction scan, then steps along KL bounds from the gradients of both objectives with respect to every
+per-layer strength), and :class:`Search` here ("coordinate"), which needs no gradients.
+
+Instead of hundreds of blind trials, the coordinate search follows the model's structure, in three phases, each
+scored with the cheap first-token objectives (:mod:`.objectives`):
 
 1. **direction**: full ablation (strength 1 everywhere) with each integer direction index, plain and
    projected, global and per-layer: which direction removes refusal at all;
@@ -57,7 +61,8 @@ OFF = Kernel(0.0, 0.0, 0.0, 0.0)
 
 @dataclass(frozen=True)
 class Point:
-    """One candidate abliteration: the direction and the two kernels."""
+    """One candidate abliteration: the direction and the two kernels, or (``attn_w``/``mlp_w``, found by the
+    gradient search) one free strength per layer, which then replaces the kernel."""
 
     index: float
     scope: str = "global"  # "global" or "per_layer"
@@ -65,32 +70,53 @@ class Point:
     attn: Kernel = Kernel()
     mlp: Kernel = Kernel()
     embed: float = 0.0
+    attn_w: tuple[float, ...] | None = None
+    mlp_w: tuple[float, ...] | None = None
 
     def key(self) -> str:
         return json.dumps(self.to_json(), sort_keys=True)
 
     def to_json(self) -> dict[str, Any]:
-        rounded = json.loads(json.dumps(asdict(self)), parse_float=lambda s: round(float(s), 6))
-        return rounded
+        # free strengths are left out when absent, so kernel points keep the keys older checkpoints have
+        plain = {k: v for k, v in asdict(self).items() if v is not None}
+        return json.loads(json.dumps(plain), parse_float=lambda s: round(float(s), 6))
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Point:
-        return cls(**{**obj, "attn": Kernel(**obj["attn"]), "mlp": Kernel(**obj["mlp"])})
+        free = {k: tuple(obj[k]) for k in ("attn_w", "mlp_w") if obj.get(k) is not None}
+        return cls(**{**obj, "attn": Kernel(**obj["attn"]), "mlp": Kernel(**obj["mlp"]), **free})
+
+    def strengths(self, n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = self.attn.weights(n_layers) if self.attn_w is None else torch.tensor(self.attn_w, dtype=torch.float64)
+        mlp = self.mlp.weights(n_layers) if self.mlp_w is None else torch.tensor(self.mlp_w, dtype=torch.float64)
+        return attn, mlp
+
+    def same_direction(self, other: Point) -> bool:
+        return (self.index, self.scope, self.projected, self.embed) == (
+            other.index, other.scope, other.projected, other.embed)  # fmt: skip
 
     def plan(self, directions: DirectionSet) -> AblationPlan:
         dirs, embed_dir = directions.plan_directions(self.index, self.scope, self.projected)
-        L = directions.n_layers
-        return AblationPlan(dirs, self.attn.weights(L), self.mlp.weights(L), embed_dir, self.embed)
+        attn, mlp = self.strengths(directions.n_layers)
+        return AblationPlan(dirs, attn, mlp, embed_dir, self.embed)
+
+
+def greedy_refusal(row: dict[str, Any]) -> float:
+    """The refusal measure the front is traced and checked with: the fraction of harmful prompts whose most likely
+    first token is a refusal token (what greedy generation starts with, so it tracks the generated refusal count),
+    plus a small share of the mean refusal probability, which breaks its ties and is what the gradients follow."""
+    return row.get("refusal_argmax", row["refusal"]) + 0.05 * row["refusal"]
 
 
 def pareto_front(rows: list[dict[str, Any]], refusal_key: str = "refusal") -> list[dict[str, Any]]:
     """Rows not dominated in (refusal, kl), sorted by KL (ties: first seen)."""
-    ordered = sorted(rows, key=lambda r: (r["kl"], r[refusal_key]))
+    value = greedy_refusal if refusal_key == "greedy" else (lambda r: r[refusal_key])
+    ordered = sorted(rows, key=lambda r: (r["kl"], value(r)))
     front, best = [], float("inf")
     for r in ordered:
-        if r[refusal_key] < best - 1e-12:
+        if value(r) < best - 1e-12:
             front.append(r)
-            best = r[refusal_key]
+            best = value(r)
     return front
 
 
@@ -137,6 +163,15 @@ class SearchConfig:
     """Refine first for the fewest refusals with KL at most this (the user's --max-kl)."""
     target_refusal: float | None = None
     """Refine first for the lowest KL with the first-token refusal at most this (the user's --max-refusal)."""
+    scan_indices: int = 8
+    """Gradient search: direction indices scored with full ablation (spread over depth; then the best one's
+    neighbours, its projected form and the per-layer directions)."""
+    kl_bounds: tuple[float, ...] = (0.01, 0.03, 0.06, 0.2, 0.5, 1.0)
+    """Gradient search: after the user's bound, trace the front at these KL bounds (fewest refusals under each)."""
+    gradient_steps: int = 3
+    """Gradient search: steps per bound (twice as many for the user's bound)."""
+    step: float = 0.15
+    """Gradient search: largest change of any strength along the front per step (halved when a step fails)."""
 
 
 class Search:
@@ -165,16 +200,21 @@ class Search:
         if row is None:
             if len(self.checkpoint.rows) >= self.cfg.max_evaluations:
                 return None
-            scores = self.evaluate(point.plan(self.directions))
-            seconds = round(time.perf_counter() - self.t0, 3)  # since this run's search began (benchmarks use it)
-            row = {"point": point.to_json(), "phase": phase, **scores.to_json(), "seconds": seconds}
-            self.checkpoint.add(row)
-            self.bar.update(1)
-            self.bar.set_postfix(refusal=f"{row['refusal']:.3f}", kl=f"{row['kl']:.4f}")
-            if self.on_point:
-                self.on_point(row)
+            row = self.record(point, phase, self.evaluate(point.plan(self.directions)))
         if row not in self.order:
             self.order.append(row)
+        return row
+
+    def record(self, point: Point, phase: str, scores: Scores) -> dict[str, Any]:
+        """Checkpoint a freshly scored point."""
+        seconds = round(time.perf_counter() - self.t0, 3)  # since this run's search began (benchmarks use it)
+        row = {"point": point.to_json(), "phase": phase, **scores.to_json(), "seconds": seconds}
+        self.checkpoint.add(row)
+        self.bar.update(1)
+        self.bar.set_postfix(refusal=f"{row['refusal']:.3f}", kl=f"{row['kl']:.4f}")
+        if self.on_point:
+            self.on_point(row)
+        self.order.append(row)
         return row
 
     def _all(self, points: Iterable[Point], phase: str) -> list[dict[str, Any]]:

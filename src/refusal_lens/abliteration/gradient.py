@@ -1,0 +1,233 @@
+"""Both objectives and their gradients with respect to every per-layer strength, in one pass.
+
+The hook form of an ablation (``x − λ_l (x·u_l) u_l`` on each write) is differentiable in the strengths ``λ``:
+with the strengths as leaf tensors, one forward and one backward pass over the search prompts give the refusal
+score, the KL and ``∂refusal/∂λ``, ``∂KL/∂λ`` for all ``2L`` strengths (attention and MLP of every layer) at about
+three times the cost of scoring the point. Harmful and harmless prompts are separate batches, so each backward pass
+feeds exactly one of the two gradients. The model's own parameters are frozen for the pass (no weight gradients
+are computed) and restored afterwards.
+
+The hook form equals the weight edit exactly for pre-norm families (``direction/strengths.py``), so the scores
+of the pass are the scores of the point; norm-preserving edits have no hook form, so the search then rescores the
+point with the weight edit and uses these gradients only as the direction to move in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.hooks import site_hooks
+from ..direction.strengths import AblationPlan
+from .objectives import Evaluator, Scores
+from .search import Kernel, Point, Search, greedy_refusal
+
+
+@dataclass
+class Gradients:
+    scores: Scores
+    refusal_attn: torch.Tensor  # [L] ∂refusal/∂λ_attn (float64)
+    refusal_mlp: torch.Tensor
+    kl_attn: torch.Tensor  # [L] ∂KL/∂λ_attn
+    kl_mlp: torch.Tensor
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter of ``model`` requires grad inside the block (the strengths are the only leaves)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _scaled_remover(strength: torch.Tensor, u: torch.Tensor):
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        v = u.to(device=x.device, dtype=x.dtype)
+        return x - strength.to(x.dtype) * (x @ v).unsqueeze(-1) * v
+
+    return fn
+
+
+def strength_gradients(evaluator: Evaluator, plan: AblationPlan) -> Gradients:
+    """Scores of ``plan`` (hook form) and the gradients of refusal and KL with respect to its strengths.
+
+    The embedding strength is held fixed (its edit is applied, not differentiated). The pass always runs every
+    layer: a layer whose strength is zero still needs its gradient.
+    """
+    ev = evaluator
+    adapter = ev.adapter
+    plan.check(adapter)
+    attn = plan.attn.clone().double().requires_grad_(True)  # cast to the activations' dtype in each hook
+    mlp = plan.mlp.clone().double().requires_grad_(True)
+    fns: dict = {}
+    for layer in range(adapter.n_layers):
+        u = plan.directions[layer]
+        fns[(layer, "attn_out")] = _scaled_remover(attn[layer], u)
+        fns[(layer, "mlp_out")] = _scaled_remover(mlp[layer], u)
+    if plan.embed:
+        fns[(0, "resid_pre")] = _scaled_remover(torch.tensor(float(plan.embed)), plan.embed_direction)
+    ids = torch.tensor(ev.ids)
+    n_harm = sum(b["input_ids"].shape[0] for b in ev.harmful)
+    n_safe = sum(b["input_ids"].shape[0] for b in ev.harmless)
+    refusal = argmax = kl = 0.0
+    grads: dict[str, torch.Tensor] = {}
+    with frozen(ev.model), torch.enable_grad(), site_hooks(ev.model, fns, adapter):
+        for b in ev.harmful:
+            probs = torch.softmax(ev.model(**b, use_cache=False, logits_to_keep=1).logits[:, -1].double(), -1)
+            p_ref = probs[:, ids].sum(-1)
+            (p_ref.sum() / n_harm).backward()
+            refusal += float(p_ref.detach().sum()) / n_harm
+            argmax += float(torch.isin(probs.detach().argmax(-1), ids).double().sum()) / n_harm
+        grads["refusal_attn"], grads["refusal_mlp"] = _take(attn), _take(mlp)
+        row = 0
+        for b in ev.harmless:
+            logq = torch.log_softmax(ev.model(**b, use_cache=False, logits_to_keep=1).logits[:, -1].double(), -1)
+            logp = ev.base_logp[row : row + logq.shape[0]]
+            row += logq.shape[0]
+            per = (logp.exp() * (logp - logq)).sum(-1)
+            (per.sum() / n_safe).backward()
+            kl += float(per.detach().clamp_min(0).sum()) / n_safe
+        grads["kl_attn"], grads["kl_mlp"] = _take(attn), _take(mlp)
+    return Gradients(Scores(refusal, argmax, kl), **grads)
+
+
+def _take(leaf: torch.Tensor) -> torch.Tensor:
+    g = torch.zeros(leaf.shape, dtype=torch.float64) if leaf.grad is None else leaf.grad.double().clone()
+    leaf.grad = None
+    return g
+
+
+class GradientSearch(Search):
+    """The front traced with gradients: a direction scan, a line of uniform strengths, then for each KL bound
+    (the user's first) a few steps that lower refusal along the bound with a free strength per layer and write.
+
+    A step moves the strengths ``θ`` (attention and MLP of every layer, in ``[0, 1.5]``) by
+    ``−α·P∇R/‖P∇R‖∞`` (steepest descent of the refusal within the KL level set, ``P`` removing the ``∇KL``
+    component) plus a Newton step on ``sqrt(KL)`` back to ``0.9·t`` (KL grows like the square of a small edit,
+    so its square root is close to linear). Every step is one
+    gradient pass that also scores the point; a step that does not improve (fewest refusals under the bound,
+    infeasible points last) halves ``α`` and restarts from the best point; one that does doubles ``α`` (at most
+    0.5). With ``--max-refusal`` the roles swap (lowest KL along the refusal bound).
+    """
+
+    def __init__(self, *args: Any, gradients: Callable[[Any], Gradients], exact_hooks: bool = True, **kw: Any):
+        super().__init__(*args, **kw)
+        self.gradients, self.exact_hooks = gradients, exact_hooks
+        self.grads: dict[str, Gradients] = {}
+
+    def run(self) -> list[dict[str, Any]]:
+        best = self._scan()
+        if best is not None:
+            L = self.L
+            line = [replace(best, attn=Kernel(s, (L - 1) / 2, float(L), s), mlp=Kernel(s, (L - 1) / 2, float(L), s))
+                    for s in (0.25, 0.5, 0.75)]  # fmt: skip
+            self._all(line, "line")
+            steps = self.cfg.gradient_steps
+            if self.cfg.target_refusal is not None:
+                self._trace(best, "refusal", self.cfg.target_refusal, 2 * steps)
+            first = self.cfg.target_kl
+            if first is not None:
+                self._trace(best, "kl", first, 2 * steps)
+            # the bounds nearest the user's first: a budget that runs out leaves the front traced around the pick
+            bounds = sorted(self.cfg.kl_bounds, key=lambda b: abs(math.log(b / (first or 0.1))))
+            for bound in bounds:
+                if first is None or abs(bound - first) > 0.2 * first:
+                    self._trace(best, "kl", bound, steps)
+        self.bar.close()
+        return list(self.checkpoint.rows.values())
+
+    def _scan(self) -> Point | None:
+        L = self.L
+        full = Kernel(1.0, (L - 1) / 2, float(L), 1.0)
+        n = max(1, min(L - 1, self.cfg.scan_indices))
+        indices = sorted({round(1 + i * (L - 2) / max(n - 1, 1)) for i in range(n)}) if L > 2 else [1]
+        rows = self._all([Point(float(i), "global", False, full, full) for i in indices], "direction")
+        if not rows:
+            return None
+        top = Point.from_json(min(rows, key=lambda r: (greedy_refusal(r), r["kl"]))["point"])
+        half = (indices[1] - indices[0]) // 2 if len(indices) > 1 else 0
+        more = [replace(top, index=min(max(top.index + s * half, 1.0), L - 1.0)) for s in (-1, 1) if half]
+        more += [replace(top, projected=True), Point(float(L // 2), "per_layer", False, full, full),
+                 Point(float(L // 2), "per_layer", True, full, full)]  # fmt: skip
+        rows += self._all(more, "direction")
+        # of the directions whose full ablation removes refusal (nearly as well as the best), the gentlest one:
+        # the front is traced by scaling it down, and a direction that costs less KL at full strength costs less
+        # at every strength (on SmolLM2 the deepest removing directions cost a quarter of the KL of the first)
+        least = min(greedy_refusal(r) for r in rows)
+        removing = [r for r in rows if greedy_refusal(r) <= 2 * least + 0.05]
+        return Point.from_json(min(removing, key=lambda r: (r["kl"], greedy_refusal(r)))["point"])
+
+    def _gradient_point(self, point: Point, phase: str) -> tuple[dict[str, Any] | None, Gradients | None]:
+        key = point.key()
+        row = self.checkpoint.rows.get(key)
+        if key in self.grads:
+            return row, self.grads[key]
+        if row is None and len(self.checkpoint.rows) >= self.cfg.max_evaluations:
+            return None, None
+        plan = point.plan(self.directions)
+        g = self.gradients(plan)
+        if row is None:  # a resumed run recomputes the gradient but keeps the checkpointed scores
+            row = self.record(point, phase, g.scores if self.exact_hooks else self.evaluate(plan))
+        elif row not in self.order:
+            self.order.append(row)
+        self.grads[key] = g
+        return row, g
+
+    def _trace(self, base: Point, bounded: str, bound: float, steps: int) -> None:
+        def value(r: dict[str, Any], name: str) -> float:
+            return greedy_refusal(r) if name == "refusal" else r[name]
+
+        other = "refusal" if bounded == "kl" else "kl"
+
+        def badness(r: dict[str, Any]) -> float:  # feasible points by the other objective; infeasible ones last
+            return value(r, other) if value(r, bounded) <= bound else 10.0 + value(r, bounded) / max(bound, 1e-9)
+
+        # start from the points this run has visited so far (not every checkpointed one): a resumed run then
+        # retraces the interrupted run's path and rescores nothing
+        rows = [r for r in self.order if Point.from_json(r["point"]).same_direction(base)]
+        if not rows:
+            return
+        current = min(rows, key=badness)
+        alpha = self.cfg.step
+        name = f"gradient:{bounded}<={bound:g}"
+        for _ in range(steps):
+            point = Point.from_json(current["point"])
+            row, g = self._gradient_point(point, name)
+            if g is None:
+                return
+            attn, mlp = point.strengths(self.L)
+            theta = torch.cat([attn, mlp])
+            g_kl, g_ref = torch.cat([g.kl_attn, g.kl_mlp]), torch.cat([g.refusal_attn, g.refusal_mlp])
+            g_bounded, g_other = (g_kl, g_ref) if bounded == "kl" else (g_ref, g_kl)
+            norm2 = float(g_bounded @ g_bounded)
+            tangent = g_other - (float(g_other @ g_bounded) / norm2) * g_bounded if norm2 > 0 else g_other
+            move = -alpha * tangent / tangent.abs().max().clamp_min(1e-12)
+            if norm2 > 0:
+                now = max(current[bounded], 1e-12)  # the smooth measure: the gradient is of this one
+                if bounded == "kl":  # KL grows like the square of a small edit: a Newton step on sqrt(KL)
+                    back = (math.sqrt(0.9 * bound) - math.sqrt(now)) * 2 * math.sqrt(now) / norm2 * g_bounded
+                else:
+                    back = (bound - now) / norm2 * g_bounded
+                move = move + back / max(1.0, float(back.abs().max()) / 0.5)  # at most 0.5 per strength
+            theta = (theta + move).clamp(0.0, 1.5)
+            values = [round(float(v), 4) for v in theta]
+            moved = replace(point, attn=Kernel(0.0, 0.0, 0.0, 0.0), mlp=Kernel(0.0, 0.0, 0.0, 0.0),
+                            attn_w=tuple(values[: self.L]), mlp_w=tuple(values[self.L :]))  # fmt: skip
+            new, _ = self._gradient_point(moved, name)
+            if new is None:
+                return
+            if badness(new) < badness(current) - 1e-9:
+                current, alpha = new, min(2 * alpha, 0.5)  # a trust region: longer steps while they work
+            else:
+                alpha /= 2

@@ -1,0 +1,126 @@
+"""The gradient search: strength gradients against finite differences, hook scores against edited weights,
+free-strength points in checkpoints, and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from refusal_lens.abliteration.gradient import GradientSearch, strength_gradients
+from refusal_lens.abliteration.objectives import Evaluator
+from refusal_lens.abliteration.search import Checkpoint, Kernel, Point, SearchConfig
+from refusal_lens.core.prompts import ChatFormatter
+from refusal_lens.direction.strengths import AblationPlan, weighted_ablation
+from refusal_lens.direction.variants import DirectionSet
+from refusal_lens.testing import random_model
+
+from ..conftest import HARMFUL, HARMLESS
+
+IDS = [5, 6]
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer):
+    model = random_model("llama", n_layers=3)
+    fmt = ChatFormatter(tokenizer)
+    return model, fmt, DirectionSet.from_prompts(model, fmt, HARMFUL, HARMLESS)
+
+
+def _objectives64(model, fmt, plan: AblationPlan) -> tuple[float, float]:
+    """Refusal and KL of ``plan`` in float64 through the hook form, written out here independently."""
+    harm, safe = fmt.encode(HARMFUL[:4]), fmt.encode(HARMLESS[:4])
+    with torch.no_grad():
+        base = model(**safe).logits[:, -1].log_softmax(-1)
+        with weighted_ablation(model, plan):
+            refusal = model(**harm).logits[:, -1].softmax(-1)[:, IDS].sum(-1).mean()
+            edited = model(**safe).logits[:, -1].log_softmax(-1)
+    return float(refusal), float((base.exp() * (base - edited)).sum(-1).mean())
+
+
+def test_strength_gradients_match_central_finite_differences(tokenizer):
+    model = random_model("llama", n_layers=3).double()
+    fmt = ChatFormatter(tokenizer)
+    ds = DirectionSet.from_prompts(model, fmt, HARMFUL, HARMLESS)
+    dirs, embed_dir = ds.plan_directions(1.4, "global", False)
+    attn = torch.tensor([0.3, 0.8, 0.5], dtype=torch.float64)
+    mlp = torch.tensor([0.6, 0.2, 1.1], dtype=torch.float64)
+    ev = Evaluator(model, fmt, HARMFUL[:4], HARMLESS[:4], IDS, batch_size=3)  # two batches each: sums across them
+    g = strength_gradients(ev, AblationPlan(dirs, attn, mlp, embed_dir, 0.4))
+    ref, kl = _objectives64(model, fmt, AblationPlan(dirs, attn, mlp, embed_dir, 0.4))
+    assert g.scores.refusal == pytest.approx(ref, rel=1e-9) and g.scores.kl == pytest.approx(kl, rel=1e-7)
+    # a five-point stencil with a wide step: the model's float64 forward still carries ~1e-12 of rounding noise
+    # (rotary tables are built in float32), which swamps narrow central differences
+    # (abs 2e-9: 3e-5 of the largest component)
+    h, stencil = 0.03, ((2, -1 / 12), (1, 8 / 12), (-1, -8 / 12), (-2, 1 / 12))
+    for part, grads in (("attn", (g.refusal_attn, g.kl_attn)), ("mlp", (g.refusal_mlp, g.kl_mlp))):
+        for layer in range(3):
+            fd_ref = fd_kl = 0.0
+            for k, weight in stencil:
+                a, m = attn.clone(), mlp.clone()
+                (a if part == "attn" else m)[layer] += k * h
+                r, d = _objectives64(model, fmt, AblationPlan(dirs, a, m, embed_dir, 0.4))
+                fd_ref, fd_kl = fd_ref + weight * r / h, fd_kl + weight * d / h
+            assert float(grads[0][layer]) == pytest.approx(fd_ref, rel=1e-4, abs=2e-9)
+            assert float(grads[1][layer]) == pytest.approx(fd_kl, rel=1e-4, abs=2e-9)
+    assert g.kl_attn.abs().max() > 1e-6 and g.refusal_mlp.abs().max() > 1e-6  # gradients that can be wrong
+
+
+def test_gradient_pass_scores_equal_the_edited_weights_scores(setup):
+    model, fmt, ds = setup
+    point = Point(2.0, "global", False, Kernel(), Kernel(), 0.0, (0.2, 1.3, 0.0), (0.9, 0.0, 0.5))
+    ev = Evaluator(model, fmt, HARMFUL[:4], HARMLESS[:4], IDS, batch_size=3)
+    params = list(model.parameters())
+    params[0].requires_grad_(True)
+    flags = [p.requires_grad for p in params]
+    by_hooks = strength_gradients(ev, point.plan(ds)).scores
+    assert [p.requires_grad for p in params] == flags and all(p.grad is None for p in params)  # left as found
+    params[0].requires_grad_(False)
+    by_weights = ev(point.plan(ds))
+    assert by_weights.kl > 1e-6
+    assert by_hooks.refusal == pytest.approx(by_weights.refusal, abs=1e-6)
+    assert by_hooks.kl == pytest.approx(by_weights.kl, rel=1e-4, abs=1e-8)
+    assert by_hooks.refusal_argmax == by_weights.refusal_argmax
+
+
+def test_free_strength_points_round_trip_and_kernel_points_keep_their_keys():
+    free = Point(1.5, "global", True, Kernel(0, 0, 0, 0), Kernel(0, 0, 0, 0), 0.0, (0.1, 0.25), (1.0, 0.0))
+    assert Point.from_json(json.loads(json.dumps(free.to_json()))) == free
+    assert free.strengths(2)[0].tolist() == [0.1, 0.25] and free.strengths(2)[1].tolist() == [1.0, 0.0]
+    kernel = Point(2.0, "per_layer", False, Kernel(0.6, 1, 2, 0), Kernel())
+    assert "attn_w" not in kernel.to_json() and Point.from_json(kernel.to_json()) == kernel
+
+
+def test_gradient_search_traces_bounds_and_resumes_without_rescoring(setup, tmp_path):
+    model, fmt, ds = setup
+
+    def search(path, budget, recorded):
+        ev = Evaluator(model, fmt, HARMFUL[:3], HARMLESS[:3], IDS)
+        cfg = SearchConfig(max_evaluations=budget, target_kl=0.05, kl_bounds=(0.5,), gradient_steps=2)
+        s = GradientSearch(ds, ev, Checkpoint(path, {"x": 1}), cfg, False,
+                           on_point=recorded.append, gradients=lambda plan: strength_gradients(ev, plan))  # fmt: skip
+        return s.run()
+
+    fresh_new: list = []
+    fresh = search(tmp_path / "a.jsonl", 100, fresh_new)
+    phases = [r["phase"] for r in fresh]
+    assert "gradient:kl<=0.05" in phases and "gradient:kl<=0.5" in phases and "line" in phases
+    assert any("attn_w" in r["point"] for r in fresh)
+    assert len(fresh_new) == len(fresh)
+    first: list = []
+    search(tmp_path / "b.jsonl", 9, first)  # "interrupted" after 9 points
+    resumed_new: list = []
+    resumed = search(tmp_path / "b.jsonl", 100, resumed_new)
+    assert len(first) == 9 and len(resumed_new) == len(fresh) - 9  # only the points not scored before
+    key = {json.dumps(r["point"], sort_keys=True): (r["refusal"], r["kl"]) for r in fresh}
+    assert {json.dumps(r["point"], sort_keys=True): (r["refusal"], r["kl"]) for r in resumed} == key
+
+
+def test_greedy_front_ranks_by_the_argmax_refusal_then_the_probability():
+    from refusal_lens.abliteration.search import pareto_front
+
+    values = [(0.70, 0.8, 0.1), (0.60, 0.8, 0.2), (0.75, 0.7, 0.3), (0.5, 0.9, 0.4)]  # mean, argmax, KL
+    rows = [{"refusal": m, "refusal_argmax": a, "kl": k, "i": i} for i, (m, a, k) in enumerate(values)]
+    assert [r["i"] for r in pareto_front(rows, "greedy")] == [0, 1, 2]  # 3 has the lowest mean but a worse argmax
+    assert [r["i"] for r in pareto_front(rows)] == [0, 1, 3]
