@@ -245,8 +245,9 @@ def cmd_heretic_eval(args) -> None:
             continue
         folder = w / f"ours-{tag}-points" / str(i)
         env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1"}
+        # cwd: heretic writes a checkpoints/ folder into the current directory
         res = subprocess.run([*_heretic_base(args), "--evaluate-model", str(folder)], stdin=subprocess.DEVNULL,
-                             capture_output=True, text=True, env=env)  # fmt: skip
+                             capture_output=True, text=True, env=env, cwd=w)  # fmt: skip
         kl = re.findall(r"KL divergence: ([0-9.]+)", res.stdout)
         refusals = re.findall(r"\* Refusals: (\d+)/(\d+)", res.stdout)
         if not kl or not refusals:
