@@ -172,11 +172,10 @@ def test_busy_cores_sees_a_process_spinning_beside_it():
 
     if busy_cores(samples=1, interval=0) is None:
         pytest.skip("no /proc/stat on this system")
-    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    loop = "print('spinning', flush=True)\nwhile True: pass"
+    spin = subprocess.Popen([sys.executable, "-c", loop], stdout=subprocess.PIPE)
     try:
-        import time
-
-        time.sleep(0.3)
+        assert spin.stdout.readline().strip() == b"spinning"  # the child is running its loop from here on
         assert busy_cores(samples=5, interval=0.02) >= 1  # the spinning child is runnable in every sample
     finally:
         spin.kill()
