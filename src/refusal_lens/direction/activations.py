@@ -30,7 +30,7 @@ from ..core.hooks import site_hooks
 from ..core.models import cache_argument, input_device, returned_cache
 from ..core.progress import progress_bar
 from ..core.prompts import ChatFormatter
-from .selection_passes import PromptSet
+from .selection_passes import PromptSet, reproduces
 
 NAN_MESSAGE = "the model produced NaN/inf activations; load it in float32 (--dtype float32) or check its weights."
 KeepFn = Callable[[torch.Tensor], torch.Tensor]  # next-token logits [B, vocab] -> bool [B]
@@ -114,8 +114,7 @@ def collect_activations(
             got, want = run(probe, start), run(probe, 0)
             if not torch.isfinite(want[1]).all():
                 raise UserError(NAN_MESSAGE)
-            scale = 1 + float(want[1].abs().max())
-            if not (got[1] - want[1]).abs().max() <= _tolerance(adapter.embed.weight.dtype) * scale:
+            if not reproduces(got[1], want[1], adapter.embed.weight.dtype):
                 warnings.warn(
                     "continuing a cached prompt prefix does not reproduce the model's activations; running whole "
                     "prompts (slower, same result).",
@@ -139,10 +138,6 @@ def collect_activations(
     if not torch.isfinite(mean).all() or not torch.isfinite(logits_all).all():
         raise UserError(NAN_MESSAGE)
     return ActivationPass(mean, kept, logits_all)
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
 
 
 def mean_activations(

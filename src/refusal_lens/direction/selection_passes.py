@@ -167,7 +167,7 @@ class Passes:
             try:
                 cache = self._prefix_cache("check", prompts, None)
                 got = self._from_prefix("check", prompts, idx, cache, [0] * len(idx))
-                self.prefix_ok = _close(got, base[idx], self.adapter.embed.weight.dtype)
+                self.prefix_ok = reproduces(got, base[idx], self.adapter.embed.weight.dtype)
                 why = "does not reproduce the model's logits"
             except Exception as exc:  # a cache class without batch_select_indices, say
                 self.prefix_ok, why = False, f"failed ({type(exc).__name__}: {exc})"
@@ -299,7 +299,7 @@ class Passes:
         against a transformers version that changes what the decoder does to ``inputs_embeds``)."""
         t0 = time.perf_counter()
         idx = sorted({prompts.order[0], prompts.order[-1]})  # shortest and longest: padding included
-        ok = _close(self._tail(prompts, idx, layer, resid, None), base[idx], resid[layer][idx[0]].dtype)
+        ok = reproduces(self._tail(prompts, idx, layer, resid, None), base[idx], resid[layer][idx[0]].dtype)
         if not ok:
             _warn(
                 f"{self.adapter.family}: a forward from layer {layer}'s residual does not reproduce the model's "
@@ -309,7 +309,8 @@ class Passes:
         return ok
 
 
-def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
+def reproduces(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a shortcut's output equals the plain forward's, up to ``dtype``'s rounding."""
     tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
     return bool((got - want).abs().max() <= tol * (1 + want.abs().max()))
 
