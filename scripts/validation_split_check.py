@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python scripts/validation_split_check.py                 # the organism, its splits
     OMP_NUM_THREADS=1 python scripts/validation_split_check.py --model DIR --harmful F --harmless F \\
-        --harmful-val F --harmless-val F [--system S] [--no-prune]
+        --harmful-val F --harmless-val F [--system S] [--no-prune] [--n-val N]
 
 Runs ``compute_direction`` twice on the same training file: once with the validation set carved out of it
 (``--harmful-val`` not given) and once with the standard validation files, and prints each run's choice, the
@@ -36,12 +36,13 @@ def main() -> None:
     ap.add_argument("--harmless-val", default="organism:harmless:val")
     ap.add_argument("--system", default=None)
     ap.add_argument("--no-prune", action="store_true")
+    ap.add_argument("--n-val", type=int, default=None, help="validation prompts per set (default: the tool's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, tok = load_model(args.model)
     harmful, harmless = _texts(args.harmful), _texts(args.harmless)
-    cfg = DirectionConfig(selection=SelectionConfig(prune=not args.no_prune))
+    cfg = DirectionConfig(n_val=args.n_val, selection=SelectionConfig(prune=not args.no_prune))
     runs = {}
     for name, val in (("carved", (None, None)), ("standard", (_texts(args.harmful_val), _texts(args.harmless_val)))):
         t0 = time.perf_counter()
@@ -50,6 +51,7 @@ def main() -> None:
         boot = sel.bootstrap
         chosen = None if sel.chosen is None else f"pos {sel.chosen.position} layer {sel.chosen.layer}"
         runs[name] = {
+            "n_val": res.info["config"]["n_val"], "val_counts": res.info["counts_sampled"],
             "chosen": chosen, "passed": sum(s.kept for s in sel.scores), "seconds": round(time.perf_counter() - t0, 1),
             "chosen_frequency": boot["chosen_frequency"], "choice_frequency": boot["choice_frequency"],
             "none_passed_fraction": boot["none_passed_fraction"], "intervals": boot["intervals"].get(chosen),
@@ -58,7 +60,8 @@ def main() -> None:
     for name, r in runs.items():
         other = runs["standard" if name == "carved" else "carved"]["chosen"]
         share = r["choice_frequency"].get(other, 0.0) if other else r["none_passed_fraction"]
-        print(f"{name}: chose {r['chosen']} ({r['passed']} candidates passed, {r['seconds']} s); the other run's "
+        print(f"{name} (n_val {r['n_val']}; sampled {r['val_counts']}): chose {r['chosen']} "
+              f"({r['passed']} passed, {r['seconds']} s); the other run's "
               f"choice ({other}) wins {100 * share:.0f}% of this run's resamples")  # fmt: skip
         print(f"  {r['summary']}")
     same = runs["carved"]["chosen"] == runs["standard"]["chosen"]

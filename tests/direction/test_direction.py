@@ -9,7 +9,7 @@ from refusal_lens.core.adapters import get_adapter
 from refusal_lens.core.errors import UserError
 from refusal_lens.core.prompts import ChatFormatter
 from refusal_lens.direction.activations import collect_activations, mean_activations
-from refusal_lens.direction.compute import Direction, DirectionConfig, compute_direction
+from refusal_lens.direction.compute import Direction, DirectionConfig, compute_direction, resolve_n_val
 from refusal_lens.direction.scoring import kl_divergence, refusal_score_from_logits
 from refusal_lens.direction.selection import SelectionConfig, fallback_without_induce, select_direction
 from refusal_lens.testing import random_model
@@ -202,6 +202,18 @@ def test_compute_direction_and_artifact_round_trip(llama, tokenizer, tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="not a readable safetensors"):
         Direction.load(tmp_path / "bad.safetensors")
+
+
+def test_validation_size_default_is_larger_only_for_tiny_models(llama, tokenizer):
+    assert resolve_n_val(DirectionConfig(), llama).n_val == 128  # tiny: extra validation prompts cost seconds
+    big = torch.nn.Linear(8000, 7000, device="meta")  # 56M parameters, no memory
+    assert resolve_n_val(DirectionConfig(), big).n_val == 32  # the paper's number
+    assert resolve_n_val(DirectionConfig(n_val=7), llama).n_val == 7  # an explicit choice is kept
+    many = [f"{p} (variant {i})" for i in range(60) for p in HARMFUL[:3]]
+    res = compute_direction(llama, tokenizer, many, many, config=DirectionConfig(filter_data=False, n_train=8),
+                            refusal_tokens=[5], progress=False)  # fmt: skip
+    # carved: min(128, 180 // 5) = 36 per set, and direction.json records the default it resolved to
+    assert res.info["config"]["n_val"] == 128 and res.info["counts_sampled"]["harmless_val"] == 36
 
 
 def test_empty_prompt_lists_are_user_errors(llama, tokenizer):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from ..core.config_args import at_least
 from ..core.data import sample
 from ..core.errors import UserError
 from ..core.io import atomic_save_safetensors, atomic_write_json, load_safetensors, provenance, read_json
-from ..core.models import model_provenance
+from ..core.models import TINY_MODEL_PARAMS, model_provenance
 from ..core.prompts import ChatFormatter
 from .activations import collect_activations
 from .refusal_fit import RefusalScore, barely_refuses, fit_refusal_score
@@ -141,8 +141,9 @@ class DirectionResult:
 class DirectionConfig:
     n_train: int = field(default=128, metadata=at_least(1))
     """Harmful and harmless training prompts each (paper: 128)."""
-    n_val: int = field(default=32, metadata=at_least(1))
-    """Harmful and harmless validation prompts each (paper: 32)."""
+    n_val: int | None = field(default=None, metadata=at_least(1))
+    """Harmful and harmless validation prompts each. Default: the paper's 32, or up to 128 for tiny models (under 50M
+    parameters, such as the organism), where the extra prompts cost seconds and steady the choice."""
     filter_data: bool = True
     """Keep only harmful prompts the model refuses and harmless ones it answers (refusal score >0 / <0)."""
     batch_size: int = field(default=32, metadata=at_least(1))
@@ -159,6 +160,23 @@ class DirectionConfig:
     """paper (log-odds of refusal tokens), contrast (refusal vs compliance tokens) or auto (contrast when the
     refusal tokens also open harmless answers); fitted on the model's own replies, reported in direction.json."""
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+
+
+PAPER_N_VAL, TINY_MODEL_N_VAL = 32, 128
+
+
+def resolve_n_val(cfg: DirectionConfig, model: nn.Module) -> DirectionConfig:
+    """The config with ``n_val`` filled in when it was left to the default.
+
+    Extra validation prompts steady the choice (the KL filter's mean is heavy-tailed over prompts): on the organism,
+    32 / 64 / 128 per set choose the same candidate, in 80 / 97 / 100 % of bootstrap resamples, for 3.6 / 4.9 / 6.6
+    CPU-s (``scripts/validation_size_check.py``). On larger models each extra harmless prompt costs KL, induce and
+    bypass rows for every surviving candidate, so they keep the paper's 32.
+    """
+    if cfg.n_val is not None:
+        return cfg
+    tiny = sum(p.numel() for p in model.parameters()) < TINY_MODEL_PARAMS
+    return replace(cfg, n_val=TINY_MODEL_N_VAL if tiny else PAPER_N_VAL)
 
 
 def _split_val(items: Sequence[str], n_train: int, n_val: int, seed: int) -> tuple[list[str], list[str]]:
@@ -208,7 +226,7 @@ def compute_direction(
     ``result.direction`` raises :class:`NoDirectionError` with ``result.selection.explanation``; the
     candidates and their scores are kept either way.
     """
-    cfg = config or DirectionConfig()
+    cfg = resolve_n_val(config or DirectionConfig(), model)
     for name, items in (("harmful", harmful), ("harmless", harmless)):
         if not items:
             raise UserError(f"the {name} prompt list is empty; give at least one instruction.")
