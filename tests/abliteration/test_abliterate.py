@@ -131,6 +131,9 @@ def test_cli_writes_the_chosen_model_front_and_exports(saved_model, tmp_path):
     summary = json.loads(res.stdout)
     front = json.loads((out / "front.json").read_text())
     assert len(front["points"]) == summary["evaluations"] and 8 < summary["evaluations"] <= 30
+    # KL is scored on 4 × --n-search harmless prompts (as many as the list allows), refusal on --n-search
+    n_kl = min(16, len(HARMLESS * 2) // 2)
+    assert summary["n_prompts"]["harmful_search"] == 4 and summary["n_prompts"]["harmless_search"] == n_kl > 4
     assert all({"refusal", "kl", "point"} <= set(r) for r in front["points"])
     assert (out / "front.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "reproduce.json").read_text())["command"].startswith("refusal-lens abliterate")
@@ -153,8 +156,8 @@ def test_cli_writes_the_chosen_model_front_and_exports(saved_model, tmp_path):
 def _train_sets(harmful, harmless):
     from refusal_lens.abliteration.pipeline import AbliterateConfig, split_prompts
 
-    cfg = AbliterateConfig(n_search=4)
-    return (split_prompts(harmful, cfg.n_train, 4, cfg.seed)[0], split_prompts(harmless, cfg.n_train, 4, cfg.seed)[0])
+    cfg = AbliterateConfig(n_search=4)  # --n-kl unset: 4 × --n-search harmless prompts score KL
+    return (split_prompts(harmful, cfg.n_train, 4, cfg.seed)[0], split_prompts(harmless, cfg.n_train, 16, cfg.seed)[0])
 
 
 def test_plan_with_every_strength_zero_changes_nothing(setup):

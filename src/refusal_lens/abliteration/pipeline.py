@@ -34,10 +34,15 @@ class AbliterateConfig:
     n_train: int = 256
     """Harmful and harmless prompts each whose mean activations give the directions."""
     n_search: int = 64
-    """Harmful and harmless prompts each (held out from the directions) that score every search point."""
-    strategy: str = "gradient"
-    """Search: "gradient" (direction scan, then steps along KL bounds with a free strength per layer, from the
-    gradients of both objectives) or "coordinate" (kernel grid and coordinate descent, no gradients)."""
+    """Harmful prompts (held out from the directions) whose refusal scores every search point."""
+    n_kl: int | None = None
+    """Harmless prompts (held out from the directions) whose first-token KL scores every search point; default
+    4 × --n-search. KL over few prompts is heavy-tailed and the search fits it: on the organism, the chosen points'
+    KL on fresh prompts was 1.4–1.8× the search KL with 100 prompts, 1.0–1.1× with 300."""
+    strategy: str = "coordinate"
+    """Search: "coordinate" (direction scan, kernel-shape grid, coordinate descent of the kernels) or "gradient"
+    (direction scan, then steps along KL bounds with a free strength per layer, from the gradients of both
+    objectives: fewer scored points, but its edits fit the search prompts more closely; see docs/abliteration.md)."""
     max_evaluations: int = 150
     """Most points the search scores (first-token objectives, one forward pass per batch each; a gradient step is
     one point that costs about three)."""
@@ -140,11 +145,12 @@ def abliterate(
     t0 = time.perf_counter()
     fmt = ChatFormatter(tokenizer, system=system, chat_template=chat_template)
     harmful_train, hf_search = split_prompts(list(harmful), cfg.n_train, cfg.n_search, cfg.seed)
-    harmless_train, hl_search = split_prompts(list(harmless), cfg.n_train, cfg.n_search, cfg.seed)
+    n_kl = 4 * cfg.n_search if cfg.n_kl is None else cfg.n_kl
+    harmless_train, hl_search = split_prompts(list(harmless), cfg.n_train, n_kl, cfg.seed)
     if harmful_search is not None:
         harmful_train, hf_search = list(harmful)[: cfg.n_train], list(harmful_search)[: cfg.n_search]
     if harmless_search is not None:
-        harmless_train, hl_search = list(harmless)[: cfg.n_train], list(harmless_search)[: cfg.n_search]
+        harmless_train, hl_search = list(harmless)[: cfg.n_train], list(harmless_search)[:n_kl]
     ids = list(refusal_ids) if refusal_ids else detect_refusal_tokens(model, fmt, harmful_train, harmless_train)
     directions = DirectionSet.from_prompts(model, fmt, harmful_train, harmless_train, cfg.batch_size)
     evaluator = Evaluator(model, fmt, hf_search, hl_search, ids, cfg.batch_size, cfg.norm_preserving, force)

@@ -1,8 +1,9 @@
 """A structured search for the Pareto front of (refusal, KL on harmless prompts).
 
-Two strategies share the points, the checkpoint and the front: the default, :class:`.gradient.GradientSearch`
-(a direction scan, then steps along KL bounds from the gradients of both objectives with respect to every
-per-layer strength), and :class:`Search` here ("coordinate"), which needs no gradients.
+Two strategies share the points, the checkpoint and the front: :class:`Search` here ("coordinate", the default),
+which needs no gradients, and :class:`.gradient.GradientSearch` (a direction scan, then steps along KL bounds from
+the gradients of both objectives with respect to every per-layer strength). On held-out prompts the coordinate
+search's kernels generalise better (docs/abliteration.md), so it is the default.
 
 Instead of hundreds of blind trials, the coordinate search follows the model's structure, in three phases, each
 scored with the cheap first-token objectives (:mod:`.objectives`):

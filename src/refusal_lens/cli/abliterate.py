@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
     cap_cfg = dataclass_from_args(CapabilityConfig, args)
     check_tasks(cap_cfg)
     texts = plain_texts_from_args(args)
-    if cfg.n_search < 2 or cfg.n_train < 2 or cfg.max_evaluations < 1:
-        raise UserError("--n-search and --n-train must be at least 2 and --max-evaluations at least 1.")
+    if cfg.n_search < 2 or cfg.n_train < 2 or (cfg.n_kl is not None and cfg.n_kl < 2) or cfg.max_evaluations < 1:
+        raise UserError("--n-search, --n-kl and --n-train must be at least 2 and --max-evaluations at least 1.")
     harmful = resolve_prompts(args, "harmful", "train")
     harmless = resolve_prompts(args, "harmless", "train")
     harmful_val = resolve_prompts(args, "harmful-val", "val")
