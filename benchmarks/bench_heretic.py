@@ -23,6 +23,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -278,30 +279,46 @@ def cmd_heretic_export(args) -> None:
     heretic asks its questions with plain `input()` in its notebook mode (KAGGLE_KERNEL_RUN_TYPE set), so the
     answers are written to its stdin in advance: show the finished run's results, then for each Pareto trial pick
     it, "Save the model to a local folder", the folder, "Return to the trial selection menu"; finally "Exit".
+    A stopped run is continued and interrupted (SIGINT, which heretic handles by stopping the study) as soon as its
+    next trial starts, which brings up the same menu over the trials it had finished. `--points` keeps only the
+    given heretic trial numbers.
     """
     run_dir = Path(args.work) / f"heretic{args.label}-{_tag(args.system)}"
     timing = json.loads((run_dir / "timing.json").read_text())
     trials = heretic_trials(run_dir)
-    if "end" not in timing or len(trials) < timing["trials"]:
-        sys.exit(f"{run_dir}: the heretic run has not finished ({len(trials)} of {timing['trials']} trials)")
-    front, out = heretic_menu_front(trials), run_dir / "pareto"
-    answers = ["1"]  # "Show the results from the previous run"
-    for j, t in enumerate(front, 1):
-        answers += [str(j), "1", str(out / f"trial-{t['index']}"), "5"]
-    answers.append(str(len(front) + 2))  # after the trials: "Run additional trials", "Exit program"
+    stopped = "end" not in timing or len(trials) < timing["trials"]
+    menu, out = heretic_menu_front(trials), run_dir / "pareto"
+    wanted = {int(i) for i in args.points.split(",")} if args.points else {t["index"] for t in menu}
+    front = [t for t in menu if t["index"] in wanted]
+    answers = ["1"]  # "Show the results from the previous run" (finished) or "Continue the previous run" (stopped)
+    for j, t in enumerate(menu, 1):
+        if t["index"] in wanted:
+            answers += [str(j), "1", str(out / f"trial-{t['index']}"), "5"]
+    answers.append(str(len(menu) + 2))  # after the trials: "Run additional trials", "Exit program"
     cmd = [*_heretic_base(args), "--study-checkpoint-dir", str(run_dir / "study"), *shlex.split(args.heretic_extra)]
-    env = {**os.environ, "KAGGLE_KERNEL_RUN_TYPE": "Interactive", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, input="\n".join(answers) + "\n", capture_output=True, text=True, env=env, cwd=run_dir)
-    (run_dir / "export-log.txt").write_text(res.stdout + res.stderr)
+    env = {**os.environ, "KAGGLE_KERNEL_RUN_TYPE": "Interactive", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=run_dir)  # fmt: skip
+    proc.stdin.write("\n".join(answers) + "\n")
+    proc.stdin.close()
+    log = []
+    for line in proc.stdout:
+        log.append(line)
+        if stopped and "Running trial" in line:
+            proc.send_signal(signal.SIGINT)
+            stopped = False
+    returncode = proc.wait()
+    text = "".join(log)
+    (run_dir / "export-log.txt").write_text(text)
     missing = [t["index"] for t in front if not (out / f"trial-{t['index']}" / "config.json").is_file()]
-    restored = [int(i) for i in re.findall(r"Restoring model from trial (\d+)", res.stdout)]
+    restored = [int(i) for i in re.findall(r"Restoring model from trial (\d+)", text)]
     if restored != [t["index"] for t in front]:  # its menu listed the trials in another order than expected
         missing = [t["index"] for t in front]
-    if res.returncode or missing:
-        sys.exit(f"heretic export failed (exit {res.returncode}; trials not saved: {missing}); see "
+    if returncode or missing:
+        sys.exit(f"heretic export failed (exit {returncode}; trials not saved: {missing}); see "
                  f"{run_dir / 'export-log.txt'}")  # fmt: skip
     (out / "trials.json").write_text(json.dumps(front, indent=1))
-    print(f"heretic saved its {len(front)} Pareto trials under {out}")
+    print(f"heretic saved {len(front)} of its {len(menu)} Pareto trials under {out}")
 
 
 def cmd_evaluate(args) -> None:
@@ -344,7 +361,11 @@ def main() -> None:
     p.add_argument("--heretic-extra", default="", help="extra heretic options, one string")
     p.add_argument("--save-points", action="store_true", help="save each checked front point's model (ours step)")
     p.add_argument("--extra", default="", help="extra options for refusal-lens abliterate, one string")
-    p.add_argument("--points", default="", help="heretic-eval: comma-separated indices of our checked points")
+    p.add_argument(
+        "--points",
+        default="",
+        help="heretic-eval: indices of our checked points; heretic-export: heretic trial numbers (commas)",
+    )
     p.add_argument("--figure", default=None, help="report: where to write the plot (default W/fronts-<tag>.png)")
     args = p.parse_args()
     steps = {"data": cmd_data, "ours": cmd_ours, "heretic": cmd_heretic, "heretic-eval": cmd_heretic_eval,
