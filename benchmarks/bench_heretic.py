@@ -297,8 +297,13 @@ def cmd_heretic_export(args) -> None:
     answers.append(str(len(menu) + 2))  # after the trials: "Run additional trials", "Exit program"
     cmd = [*_heretic_base(args), "--study-checkpoint-dir", str(run_dir / "study"), *shlex.split(args.heretic_extra)]
     env = {**os.environ, "KAGGLE_KERNEL_RUN_TYPE": "Interactive", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    # a job started with `&` inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+    def sigint_default() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=run_dir)  # fmt: skip
+                            env=env, cwd=run_dir, preexec_fn=sigint_default)  # fmt: skip
     proc.stdin.write("\n".join(answers) + "\n")
     proc.stdin.close()
     log = []
