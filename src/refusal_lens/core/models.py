@@ -202,6 +202,11 @@ TINY_MODEL_PARAMS = 50_000_000
 _TORCH_DEFAULT_THREADS = torch.get_num_threads()
 
 
+def parameter_count(model: nn.Module) -> int:
+    """How many parameters the model has (what "tiny" and "small" above are measured in)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def usable_cores() -> int:
     """The CPU cores this process may run on."""
     try:
@@ -240,9 +245,9 @@ def choose_threads(requested: int | None, model: nn.Module | None = None) -> int
         n = requested
     elif os.environ.get("OMP_NUM_THREADS", "").isdigit():
         n = max(1, int(os.environ["OMP_NUM_THREADS"]))
-    elif model is not None and sum(p.numel() for p in model.parameters()) >= SMALL_MODEL_PARAMS:
+    elif model is not None and parameter_count(model) >= SMALL_MODEL_PARAMS:
         n = _TORCH_DEFAULT_THREADS
-    elif model is None or sum(p.numel() for p in model.parameters()) < TINY_MODEL_PARAMS:
+    elif model is None or parameter_count(model) < TINY_MODEL_PARAMS:
         n = 1
     else:
         busy = busy_cores()

@@ -29,7 +29,7 @@ from ..core.config_args import at_least
 from ..core.data import sample
 from ..core.errors import UserError
 from ..core.io import atomic_save_safetensors, atomic_write_json, load_safetensors, provenance, read_json
-from ..core.models import TINY_MODEL_PARAMS, model_provenance
+from ..core.models import TINY_MODEL_PARAMS, model_provenance, parameter_count
 from ..core.prompts import ChatFormatter
 from .activations import collect_activations
 from .refusal_fit import RefusalScore, barely_refuses, fit_refusal_score
@@ -175,7 +175,7 @@ def resolve_n_val(cfg: DirectionConfig, model: nn.Module) -> DirectionConfig:
     """
     if cfg.n_val is not None:
         return cfg
-    tiny = sum(p.numel() for p in model.parameters()) < TINY_MODEL_PARAMS
+    tiny = parameter_count(model) < TINY_MODEL_PARAMS
     return replace(cfg, n_val=TINY_MODEL_N_VAL if tiny else PAPER_N_VAL)
 
 
