@@ -73,7 +73,7 @@ def cmd_llama(args) -> None:
     ids = [data["ids"][a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
     out = {}
     for name, path in (("original", args.original), ("edited", args.edited)):
-        llm = Llama(model_path=path, n_ctx=512, n_threads=1, n_batch=512, logits_all=False, verbose=False)
+        llm = Llama(model_path=path, n_ctx=512, n_threads=1, n_batch=512, logits_all=True, verbose=False)
         logits, greedy = [], []
         for x in ids:
             llm.reset()
