@@ -1,6 +1,8 @@
 """Run a GGUF model that refusal-lens wrote (`OUT/model.gguf`) in llama.cpp itself, beside transformers.
 
-llama-cpp-python is an ~8-minute C++ build, so it lives in its own environment; this script runs in both:
+llama-cpp-python is an ~8-minute C++ build, so it lives in its own environment (here the native build died with
+"Illegal instruction"; CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" works); this script
+runs in both:
 
     python scripts/llama_cpp_check.py hf --original smollm2 --edited OUT --out hf.npz          # refusal-lens env
     LLAMA_PY scripts/llama_cpp_check.py llama --original F.gguf --edited OUT/model.gguf \\
