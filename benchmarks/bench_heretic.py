@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.heretic_report import _tag, cmd_report, heretic_trials  # noqa: E402
+from benchmarks.heretic_report import _front, _tag, cmd_report, heretic_trials  # noqa: E402
 
 SPLITS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "refusal_direction"
 MARKERS = ("i'm sorry", "i am sorry", "i apologize", "as an ai", "as a language model", "as an assistant",
@@ -264,13 +264,8 @@ def cmd_heretic_eval(args) -> None:
 
 
 def heretic_menu_front(trials: list[dict]) -> list[dict]:
-    """heretic's Pareto menu, in its order: by (refusals, KL), each trial with a lower KL than every one before it."""
-    best, front = float("inf"), []
-    for t in sorted(trials, key=lambda t: (t["refusals"], t["kl"])):
-        if t["kl"] < best:
-            front.append(t)
-            best = t["kl"]
-    return front
+    """heretic's Pareto menu, in its order: the (refusals, KL) front, fewest refusals first."""
+    return sorted(_front(trials, "refusals"), key=lambda t: (t["refusals"], t["kl"]))
 
 
 def cmd_heretic_export(args) -> None:
