@@ -195,10 +195,12 @@ def evaluate_our_front(args, out: Path, summary: dict, wall: float, startup: flo
 
     ev = Evaluator(args.model, args.system)
     directions = DirectionSet.load(out / "directions.safetensors")
+    # the points are edited the way the run edited them (--norm-preserving keeps row norms)
+    norm_preserving = json.loads((out / "reproduce.json").read_text())["options"]["norm_preserving"]
     rows = []
     for i, row in enumerate(json.loads((out / "front.json").read_text())["checked"]):
         model = ev.load(args.model)
-        edit_weights(model, Point.from_json(row["point"]).plan(directions))
+        edit_weights(model, Point.from_json(row["point"]).plan(directions), norm_preserving)
         if args.save_points:  # so heretic's own evaluator (--evaluate-model) can score our points too
             model.save_pretrained(out.with_name(f"{out.name}-points") / str(i))
             ev.tok.save_pretrained(out.with_name(f"{out.name}-points") / str(i))

@@ -13,13 +13,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from refusal_lens.abliteration.exports import control_vectors, lora_tensors, read_control_vector, save_control_vector
-from refusal_lens.abliteration.objectives import Evaluator
+from refusal_lens.abliteration.objectives import Evaluator, Scores
 from refusal_lens.abliteration.search import Checkpoint, Kernel, Point, Search, SearchConfig, pareto_front
 from refusal_lens.core.errors import UserError
 from refusal_lens.core.prompts import ChatFormatter
 from refusal_lens.direction.strengths import AblationPlan, edit_weights, edited_weights
 from refusal_lens.direction.variants import DirectionSet
-from refusal_lens.testing import random_model
+from refusal_lens.testing import FAMILIES, random_model
 
 from ..conftest import HARMFUL, HARMLESS
 
@@ -194,3 +194,68 @@ def test_starting_at_the_first_edited_layer_gives_the_full_forwards_scores(famil
 
 
 OFF_KERNEL = Kernel(0.0, 0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prompt_opening_run_once_gives_the_whole_prompts_scores(family, tokenizer):
+    """The system message every prompt starts with, run once per point, scores exactly like whole prompts, with
+    and without the tail-layers shortcut; a family whose forward cannot take it falls back to whole prompts."""
+    model = random_model(family, n_layers=4)
+    fmt = ChatFormatter(tokenizer, system="you are a helpful assistant . sure , here is a short story .")
+    ds = DirectionSet.from_prompts(model, fmt, HARMFUL, HARMLESS)
+    # force: the edit is only compared with itself here, so families where it is not exact are tested too
+    shared = Evaluator(model, fmt, HARMFUL, HARMLESS, [5, 6], batch_size=3, force=True)
+    whole = Evaluator(model, fmt, HARMFUL, HARMLESS, [5, 6], batch_size=3, force=True, shared_prefix=False)
+    assert whole.prefix is None
+    if family in ("llama", "qwen2", "mistral", "gemma3_text", "qwen2_moe"):  # families the search runs on most
+        assert shared.prefix is not None and len(shared.prefix) >= 8
+    if shared.prefix is not None:  # the batches hold only what follows the opening
+        width = [max(b["input_ids"].shape[1] for b in ev.harmless) for ev in (shared, whole)]
+        assert width[0] < width[1]
+    for first in (0, 2):  # an edit from layer 0 (whole forwards) and from layer 2 (the tail shortcut, where exact)
+        plan = Point(2.0, "global", False, Kernel(1.0, 3, 3 - first, 0.5), Kernel(0.8, 3, 3 - first, 0.2)).plan(ds)
+        a, b = shared(plan), whole(plan)
+        assert b.kl > 1e-7
+        assert a.refusal == pytest.approx(b.refusal, rel=1e-4, abs=1e-8) and a.kl == pytest.approx(b.kl, rel=1e-3)
+
+
+def _planted_scores(plan: AblationPlan) -> Scores:
+    """A known landscape: refusal falls with the strength on layers 3–5, KL grows with every strength (most on
+    the early layers), so the front runs from (1, 0) to strong late edits."""
+    late = torch.tensor([0.1, 0.1, 0.2, 1.0, 1.0, 0.8, 0.3, 0.1], dtype=torch.float64)
+    cost = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.4, 0.4, 0.5, 0.8], dtype=torch.float64)
+    w = plan.attn + 0.7 * plan.mlp
+    refusal = float(torch.exp(-(late * w).sum()))
+    kl = float((cost * (plan.attn**2 + plan.mlp**2)).sum() / 20)
+    return Scores(refusal, float(refusal > 0.5), kl)
+
+
+def test_search_gives_most_of_its_budget_to_the_users_bound_and_traces_the_front_beyond_it(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    ds = DirectionSet(torch.randn(9, 16, generator=gen, dtype=torch.float64), torch.randn(9, 16, generator=gen))
+    cfg = SearchConfig(max_evaluations=160, target_kl=0.1)
+    rows = Search(ds, _planted_scores, Checkpoint(tmp_path / "a.jsonl", {"x": 1}), cfg, False).run()
+    phases = [r["phase"] for r in rows]
+    assert len(rows) == 160
+    refine = 160 - phases.count("direction") - phases.count("shape")
+    assert phases.count("refine:kl<=0.1") == round(0.6 * refine)  # the user's bound: its share, then each larger
+    for bound in ("0.2", "0.4", "0.8"):  # bound an equal share of the rest
+        assert abs(phases.count(f"refine:kl<={bound}") - 0.4 * refine / 3) <= 1
+    front = pareto_front(rows)
+    assert any(0.1 < r["kl"] <= 0.2 for r in front) and any(0.4 < r["kl"] <= 0.8 for r in front)
+    best = min((r for r in rows if r["kl"] <= 0.1), key=lambda r: r["refusal"])
+    assert best["phase"] in ("refine:kl<=0.1", "shape")  # found while refining for the bound, or kept from the grid
+
+    # an interruption anywhere (here in the first larger bound's refinement) and a rerun give the same points
+    calls = {"n": 0}
+
+    def dies_after_130(plan: AblationPlan) -> Scores:
+        calls["n"] += 1
+        if calls["n"] > 130:
+            raise KeyboardInterrupt
+        return _planted_scores(plan)
+
+    with pytest.raises(KeyboardInterrupt):
+        Search(ds, dies_after_130, Checkpoint(tmp_path / "b.jsonl", {"x": 1}), cfg, False).run()
+    resumed = Search(ds, _planted_scores, Checkpoint(tmp_path / "b.jsonl", {"x": 1}), cfg, False).run()
+    assert [r["point"] for r in resumed] == [r["point"] for r in rows]

@@ -179,7 +179,8 @@ class GradientSearch(Search):
         g = self.gradients(plan)
         if row is None:  # a resumed run recomputes the gradient but keeps the checkpointed scores
             row = self.record(point, phase, g.scores if self.exact_hooks else self.evaluate(plan))
-        elif row not in self.order:
+        elif key not in self.visited:
+            self.visited.add(key)
             self.order.append(row)
         self.grads[key] = g
         return row, g

@@ -19,20 +19,24 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from ..core.adapters import get_adapter
 from ..core.hooks import site_hooks
 from ..core.models import input_device
-from ..core.prompts import ChatFormatter
+from ..core.prompts import ChatFormatter, position_ids
 from ..direction.scoring import is_refusal_text
 from ..direction.strengths import AblationPlan, edited_weights
 from ..evaluation.generation import GenerationSettings, generate
+from .prefix import SharedPrefix
+
+PREFIX_MIN_TOKENS = 8
+"""Shortest shared prompt opening worth its own batch-1 pass per point (the organism's bare template has 3)."""
 
 
-def _length_sorted_batches(fmt: ChatFormatter, prompts: Sequence[str], batch_size: int, device) -> list[dict]:
-    order = sorted(range(len(prompts)), key=lambda i: len(fmt.token_ids(prompts[i])))
-    ordered = [prompts[i] for i in order]
-    return [fmt.encode(ordered[s : s + batch_size], device) for s in range(0, len(ordered), batch_size)]
+def _length_sorted(fmt: ChatFormatter, prompts: Sequence[str], batch_size: int) -> list[list[str]]:
+    ordered = sorted(prompts, key=lambda p: len(fmt.token_ids(p)))
+    return [ordered[s : s + batch_size] for s in range(0, len(ordered), batch_size)]
 
 
 @dataclass
@@ -59,22 +63,47 @@ class Evaluator:
         norm_preserving: bool = False,
         force: bool = False,
         cache_bytes: int = 1 << 30,
+        shared_prefix: bool = True,
     ):
         self.model, self.formatter = model, formatter
         self.adapter = get_adapter(model)
         self.ids = list(refusal_ids)
         self.norm_preserving, self.force = norm_preserving, force
         device = input_device(model)
-        self.harmful = _length_sorted_batches(formatter, harmful, batch_size, device)
-        self.harmless = _length_sorted_batches(formatter, harmless, batch_size, device)
+        parts = _length_sorted(formatter, harmful, batch_size), _length_sorted(formatter, harmless, batch_size)
+        self.prefix: SharedPrefix | None = None
+        self.prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # the unedited model's, per layer
+        self.resid: dict[int, list[torch.Tensor]] | None = None
+        self.harmful, self.harmless = ([formatter.encode(b, device) for b in part] for part in parts)
+        self.base_logp = torch.log_softmax(self._logits(self.harmless).double(), -1)
+        if shared_prefix:
+            self._use_prefix([[[formatter.token_ids(p) for p in b] for b in part] for part in parts], device)
         tokens = sum(b["input_ids"].numel() for b in self.harmful + self.harmless)
         size = tokens * self.adapter.n_layers * self.adapter.d_model * next(model.parameters()).element_size()
-        self.resid: dict[int, list[torch.Tensor]] | None = None
         if self.adapter.spec.exact_tail and size <= cache_bytes:
             self.resid = self._capture(self.harmful + self.harmless)
-        self.base_logp = torch.log_softmax(self._logits(self.harmless).double(), -1)
         self.base = self._score_current()
         self.calls = 0
+
+    def _use_prefix(self, rows: list[list[list[list[int]]]], device) -> bool:
+        """Switch to prefix + rest batches if the prompts share an opening worth it and the batches give the
+        unedited model's logits (else keep whole prompts)."""
+        prefix = SharedPrefix.find([r for part in rows for b in part for r in b], PREFIX_MIN_TOKENS, device)
+        if prefix is None:
+            return False
+        pad = getattr(self.formatter.tokenizer, "pad_token_id", None) or 0
+        whole = self.harmful, self.harmless, self.prefix, self.prefix_kv
+        try:
+            self.prefix, self.prefix_kv = prefix, prefix.keys_values(self.model, self.adapter.n_layers)
+            self.harmful, self.harmless = ([prefix.batch(b, pad) for b in part] for part in rows)
+            got = torch.log_softmax(self._logits(self.harmless).double(), -1)
+            kl = (self.base_logp.exp() * (self.base_logp - got)).sum(-1)
+            if torch.isfinite(kl).all() and float(kl.abs().max()) <= 1e-5:
+                return True
+        except (RuntimeError, ValueError, TypeError, AttributeError, IndexError):
+            pass  # a family whose forward takes no cache this way: whole prompts are exact and only slower
+        self.harmful, self.harmless, self.prefix, self.prefix_kv = whole
+        return False
 
     @torch.no_grad()
     def _capture(self, batches: list[dict]) -> dict[int, list[torch.Tensor]]:
@@ -87,22 +116,45 @@ class Evaluator:
 
         fns = {(layer, "resid_pre"): keep(layer) for layer in range(self.adapter.n_layers)}
         with site_hooks(self.model, fns, self.adapter):
+            if self.prefix is not None:
+                self.model(input_ids=self.prefix.ids, use_cache=False, logits_to_keep=1)
+                self.prefix_resid = [current[layer] for layer in range(self.adapter.n_layers)]
             for b in batches:
-                self.model(**b, use_cache=False, logits_to_keep=1)
+                self.model(**b, **self._cache_args(self.prefix_kv, b), logits_to_keep=1)
                 out[id(b)] = [current[layer] for layer in range(self.adapter.n_layers)]
         return out
+
+    def _cache_args(self, kv: list, batch: dict) -> dict:
+        if self.prefix is None:
+            return {"use_cache": False}
+        return {"cache": SharedPrefix.cache(self.model, kv, batch["input_ids"].shape[0]), "use_cache": True}
+
+    def _prefix_keys_values(self, first: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prefix's keys and values under the current weights; layers before ``first`` are unedited."""
+        if self.prefix is None:
+            return []
+        if first == 0 or self.resid is None:
+            return self.prefix.keys_values(self.model, self.adapter.n_layers)
+        positions = position_ids(torch.ones_like(self.prefix.ids))
+        start = {"inputs_embeds": self.prefix_resid[first], "position_ids": positions}
+        cache = DynamicCache(config=self.model.config)  # made before the layer list is cut: it needs every layer
+        with self.adapter.tail_layers(first):
+            kv = self.prefix.keys_values(self.model, self.adapter.n_layers, start, cache)
+        return self.prefix_kv[:first] + kv[first:]
 
     @torch.no_grad()
     def _logits(self, batches: list[dict], first: int = 0) -> torch.Tensor:
         out = []
+        kv = self._prefix_keys_values(first)
         for b in batches:
+            cache = self._cache_args(kv, b)  # made before the layer list is cut: it needs every layer's type
             if first > 0 and self.resid is not None:
                 tail = {"inputs_embeds": self.resid[id(b)][first], "attention_mask": b["attention_mask"],
                         "position_ids": b["position_ids"]}  # fmt: skip
                 with self.adapter.tail_layers(first):
-                    logits = self.model(**tail, use_cache=False, logits_to_keep=1).logits
+                    logits = self.model(**tail, **cache, logits_to_keep=1).logits
             else:
-                logits = self.model(**b, use_cache=False, logits_to_keep=1).logits
+                logits = self.model(**b, **cache, logits_to_keep=1).logits
             out.append(logits[:, -1].float().cpu())
         return torch.cat(out)
 

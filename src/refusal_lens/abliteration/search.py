@@ -14,7 +14,8 @@ scored with the cheap first-token objectives (:mod:`.objectives`):
    and MLP together, or attention alone): where in depth the edit is needed;
 3. **refine**: coordinate descent over every kernel parameter (attention and MLP separately) and the direction
    index, with halving steps: first for the user's bound (fewest refusals with KL ≤ --max-kl, or lowest KL with
-   refusal ≤ --max-refusal, as a penalty), then for several refusal + β·KL trade-offs, until the budget is spent.
+   refusal ≤ --max-refusal, as a penalty) with most of the budget, then, with the rest, for larger KL bounds (or
+   several refusal + β·KL trade-offs), so the front also has points for a stronger edit.
 
 Every evaluated point is appended to a JSON Lines checkpoint as soon as it is scored; a rerun with the same
 inputs reads it back and skips those evaluations, so an interrupted search resumes where it stopped.
@@ -102,6 +103,11 @@ class Point:
         return AblationPlan(dirs, attn, mlp, embed_dir, self.embed)
 
 
+def _under_kl(bound: float) -> Callable[[dict[str, Any]], float]:
+    """Objective: fewest refusals with KL at most ``bound`` (a steep penalty beyond; lower KL breaks ties)."""
+    return lambda r: r["refusal"] + 100 * max(0.0, r["kl"] - bound) + 1e-3 * r["kl"]
+
+
 def greedy_refusal(row: dict[str, Any]) -> float:
     """The refusal measure the front is traced and checked with: the fraction of harmful prompts whose most likely
     first token is a refusal token (what greedy generation starts with, so it tracks the generated refusal count),
@@ -155,7 +161,14 @@ class SearchConfig:
     n_directions: int = 1
     """Directions (from phase 1) whose layer kernels are searched (the refinement still moves the index)."""
     tradeoffs: tuple[float, ...] = (3.0, 10.0, 30.0, 100.0)
-    """Weights β of KL against refusal in the refinement phase (minimise refusal + β·KL for each)."""
+    """With --max-refusal: weights β of KL against refusal in the refinement phase (minimise refusal + β·KL for
+    each), after the user's bound."""
+    front_kl: tuple[float, ...] = (2.0, 4.0, 8.0)
+    """With --max-kl: after the user's bound ``t``, the front is traced at the KL bounds ``t × these`` (fewest
+    refusals under each), so it has points where a user may want a stronger edit."""
+    target_share: float = 0.6
+    """Share of the refinement budget (what the direction scan and the shape grid leave) spent on the user's
+    bound; the rest is split evenly over the other refinements, so the front is not empty at larger KL."""
     refine_rounds: int = 3
     """Step halvings in the refinement phase."""
     max_evaluations: int = 150
@@ -193,6 +206,7 @@ class Search:
         self.bar = progress_bar(total=self.cfg.max_evaluations, desc="abliterate search", disable=not progress)
         self.on_point = on_point
         self.order: list[dict[str, Any]] = []  # rows in the order this run visited them
+        self.visited: set[str] = set()  # their points' keys
         self.t0 = time.perf_counter()
 
     def score(self, point: Point, phase: str) -> dict[str, Any] | None:
@@ -202,7 +216,8 @@ class Search:
             if len(self.checkpoint.rows) >= self.cfg.max_evaluations:
                 return None
             row = self.record(point, phase, self.evaluate(point.plan(self.directions)))
-        if row not in self.order:
+        if key not in self.visited:
+            self.visited.add(key)
             self.order.append(row)
         return row
 
@@ -216,6 +231,7 @@ class Search:
         if self.on_point:
             self.on_point(row)
         self.order.append(row)
+        self.visited.add(point.key())
         return row
 
     def _all(self, points: Iterable[Point], phase: str) -> list[dict[str, Any]]:
@@ -231,14 +247,21 @@ class Search:
         for r in best:
             base = Point.from_json(r["point"])
             self._all(self._shapes(base), "shape")
-        if self.cfg.target_kl is not None:  # the user's bound first: most of the budget goes where the pick is
-            t = self.cfg.target_kl
-            self._refine(lambda r: r["refusal"] + 100 * max(0.0, r["kl"] - t) + 1e-3 * r["kl"], f"kl<={t:g}")
+        refines: list[tuple[Callable[[dict[str, Any]], float], str]] = []
         if self.cfg.target_refusal is not None:
             t = self.cfg.target_refusal
-            self._refine(lambda r: r["kl"] + 100 * max(0.0, r["refusal"] - t) + 1e-3 * r["refusal"], f"refusal<={t:g}")
-        for beta in self.cfg.tradeoffs:
-            self._refine(lambda r, b=beta: r["refusal"] + b * r["kl"], f"beta={beta:g}")
+            refines.append((lambda r: r["kl"] + 100 * max(0.0, r["refusal"] - t) + 1e-3 * r["refusal"],
+                            f"refusal<={t:g}"))  # fmt: skip
+        if self.cfg.target_kl is not None:  # the user's bound first: most of the budget goes where the pick is
+            bounds = [self.cfg.target_kl * m for m in (1.0, *self.cfg.front_kl)]
+            refines += [(_under_kl(b), f"kl<={b:g}") for b in bounds]
+        else:
+            refines += [(lambda r, b=b: r["refusal"] + b * r["kl"], f"beta={b:g}") for b in self.cfg.tradeoffs]
+        for i, (objective, name) in enumerate(refines):
+            # budgets count the points this run visited (read back or new), so a resumed run retraces the same path
+            left = self.cfg.max_evaluations - len(self.order)
+            share = self.cfg.target_share if i == 0 else 1 / (len(refines) - i)
+            self._refine(objective, name, len(self.order) + max(1, round(share * left)))
         self.bar.close()
         return list(self.checkpoint.rows.values())
 
@@ -252,9 +275,13 @@ class Search:
                     out += [replace(base, attn=k, mlp=k), replace(base, attn=k, mlp=OFF)]
         return out
 
-    def _refine(self, objective: Callable[[dict[str, Any]], float], name: str) -> None:
-        """Coordinate descent on ``objective`` from the best point so far, halving the steps each round."""
-        current = min(self.checkpoint.rows.values(), key=objective)
+    def _refine(self, objective: Callable[[dict[str, Any]], float], name: str, stop_at: int | None = None) -> None:
+        """Coordinate descent on ``objective`` from the best point so far, halving the steps each round, until
+        ``stop_at`` points are in the checkpoint (points read back from it cost nothing)."""
+        # from the rows this run has visited, not every checkpointed one: a resumed run retraces the same path
+        if not self.order:
+            return
+        current = min(self.order, key=objective)
         point = Point.from_json(current["point"])
         steps = {"max_weight": 0.2, "peak": 1.0, "width": 1.0, "min_weight": 0.2}
         for _ in range(self.cfg.refine_rounds):
@@ -262,6 +289,8 @@ class Search:
             while improved:
                 improved = False
                 for candidate in self._neighbours(point, steps):
+                    if stop_at is not None and len(self.order) >= stop_at and candidate.key() not in self.visited:
+                        return
                     row = self.score(candidate, f"refine:{name}")
                     if row is not None and objective(row) < objective(current) - 1e-9:
                         current, point, improved = row, candidate, True
