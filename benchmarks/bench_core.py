@@ -174,3 +174,26 @@ def generation_overhead(quick: bool) -> Result:
     ratios, details = interleaved_ratio(plain, hooked, 2 if quick else 5)
     details["model"] = which
     return Result("generation_overhead", statistics.median(ratios), 0.9, ratios, details)
+
+
+def abliterate_shared_prefix(quick: bool) -> Result:
+    """One abliteration search point scored with the prompts' shared opening (template + system message) run
+    once per point vs every prompt run whole (throughput ratio; both must give the same scores)."""
+    from refusal_lens.abliteration.objectives import Evaluator
+    from refusal_lens.abliteration.search import Kernel, Point
+    from refusal_lens.direction.variants import DirectionSet
+
+    model, tok, name = organism_or_random(quick)
+    fmt = ChatFormatter(tok, system="You are a helpful assistant.")
+    harmful, harmless = _prompts(40, 1), _prompts(100 if quick else 300, 2)
+    ds = DirectionSet.from_prompts(model, fmt, harmful, harmless)
+    ids = [tok.convert_tokens_to_ids("I")] if hasattr(tok, "convert_tokens_to_ids") else [5]
+    shared = Evaluator(model, fmt, harmful, harmless, ids)
+    whole = Evaluator(model, fmt, harmful, harmless, ids, shared_prefix=False)
+    L = ds.n_layers
+    plan = Point(L / 2, "global", False, Kernel(1.0, L / 2, L / 2, 0.2), Kernel(0.8, L / 2, L / 2, 0.0)).plan(ds)
+    a, b = shared(plan), whole(plan)
+    ratios, details = interleaved_ratio(lambda: whole(plan), lambda: shared(plan), 3 if quick else 7)
+    details |= {"model": name, "prefix_tokens": len(shared.prefix) if shared.prefix else 0}
+    details |= {"kl_shared": a.kl, "kl_whole": b.kl, "refusal_shared": a.refusal, "refusal_whole": b.refusal}
+    return Result("abliterate_shared_prefix", statistics.median(ratios), 1.15, ratios, details)

@@ -259,3 +259,20 @@ def test_search_gives_most_of_its_budget_to_the_users_bound_and_traces_the_front
         Search(ds, dies_after_130, Checkpoint(tmp_path / "b.jsonl", {"x": 1}), cfg, False).run()
     resumed = Search(ds, _planted_scores, Checkpoint(tmp_path / "b.jsonl", {"x": 1}), cfg, False).run()
     assert [r["point"] for r in resumed] == [r["point"] for r in rows]
+
+
+def test_a_forward_that_cannot_continue_the_opening_falls_back_to_whole_prompts(setup, tokenizer, monkeypatch):
+    model, _, ds = setup
+    fmt = ChatFormatter(tokenizer, system="you are a helpful assistant . sure , here is a short story .")
+    whole = Evaluator(model, fmt, HARMFUL, HARMLESS, [5, 6], shared_prefix=False)
+
+    def broken(*args, **kwargs):
+        raise TypeError("forward() got an unexpected keyword argument 'cache'")
+
+    monkeypatch.setattr("refusal_lens.abliteration.prefix.SharedPrefix.cache", broken)
+    with pytest.warns(UserWarning, match="scoring whole prompts"):
+        fallback = Evaluator(model, fmt, HARMFUL, HARMLESS, [5, 6])
+    assert fallback.prefix is None
+    plan = Point(1.0, "global", False, Kernel(1.0, 1, 2, 0.5), Kernel(0.5, 1, 2, 0.5)).plan(ds)
+    a, b = fallback(plan), whole(plan)
+    assert (a.refusal, a.kl) == (b.refusal, b.kl)

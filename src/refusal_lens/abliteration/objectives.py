@@ -14,6 +14,7 @@ front only.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,9 +24,10 @@ from transformers import DynamicCache
 
 from ..core.adapters import get_adapter
 from ..core.hooks import site_hooks
-from ..core.models import input_device
+from ..core.models import cache_argument, input_device
 from ..core.prompts import ChatFormatter, position_ids
 from ..direction.scoring import is_refusal_text
+from ..direction.selection_passes import reproduces
 from ..direction.strengths import AblationPlan, edited_weights
 from ..evaluation.generation import GenerationSettings, generate
 from .prefix import SharedPrefix
@@ -97,11 +99,13 @@ class Evaluator:
             self.prefix, self.prefix_kv = prefix, prefix.keys_values(self.model, self.adapter.n_layers)
             self.harmful, self.harmless = ([prefix.batch(b, pad) for b in part] for part in rows)
             got = torch.log_softmax(self._logits(self.harmless).double(), -1)
-            kl = (self.base_logp.exp() * (self.base_logp - got)).sum(-1)
-            if torch.isfinite(kl).all() and float(kl.abs().max()) <= 1e-5:
+            if reproduces(got, self.base_logp, self.adapter.embed.weight.dtype):
                 return True
-        except (RuntimeError, ValueError, TypeError, AttributeError, IndexError):
-            pass  # a family whose forward takes no cache this way: whole prompts are exact and only slower
+            why = "does not reproduce the model's first-token distributions"
+        except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            why = f"failed ({type(exc).__name__}: {exc})"  # a family whose forward takes no cache this way
+        warnings.warn(f"running the prompts' shared opening once per point {why}; scoring whole prompts (slower, "
+                      "same result).", stacklevel=3)  # fmt: skip
         self.harmful, self.harmless, self.prefix, self.prefix_kv = whole
         return False
 
@@ -127,7 +131,8 @@ class Evaluator:
     def _cache_args(self, kv: list, batch: dict) -> dict:
         if self.prefix is None:
             return {"use_cache": False}
-        return {"cache": SharedPrefix.cache(self.model, kv, batch["input_ids"].shape[0]), "use_cache": True}
+        cache = SharedPrefix.cache(self.model, kv, batch["input_ids"].shape[0])
+        return {cache_argument(self.model): cache, "use_cache": True}
 
     def _prefix_keys_values(self, first: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The prefix's keys and values under the current weights; layers before ``first`` are unedited."""

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from ..core.models import cache_argument
+
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -57,7 +59,7 @@ class SharedPrefix:
         (e.g. ``inputs_embeds`` for a run of the last layers only), and layers the run skips come back empty.
         ``cache``: an empty one made beforehand (a cache made while the layer list is cut has too few layers)."""
         cache = DynamicCache(config=model.config) if cache is None else cache
-        model(**(inputs or {"input_ids": self.ids}), cache=cache, use_cache=True, logits_to_keep=1)
+        model(**(inputs or {"input_ids": self.ids}), **{cache_argument(model): cache}, use_cache=True, logits_to_keep=1)
         out = []
         for layer in cache.layers[:n_layers]:
             ok = getattr(layer, "is_initialized", False) and layer.keys is not None and layer.keys.numel()
