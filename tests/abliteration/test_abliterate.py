@@ -131,6 +131,7 @@ def test_cli_writes_the_chosen_model_front_and_exports(saved_model, tmp_path):
     summary = json.loads(res.stdout)
     front = json.loads((out / "front.json").read_text())
     assert len(front["points"]) == summary["evaluations"] and 8 < summary["evaluations"] <= 30
+    assert summary["strategy"] == "gradient"  # "auto": 30 points are too few for the coordinate search's grid
     # KL is scored on 4 × --n-search harmless prompts (as many as the list allows), refusal on --n-search
     n_kl = min(16, len(HARMLESS * 2) // 2)
     assert summary["n_prompts"]["harmful_search"] == 4 and summary["n_prompts"]["harmless_search"] == n_kl > 4
@@ -276,3 +277,14 @@ def test_a_forward_that_cannot_continue_the_opening_falls_back_to_whole_prompts(
     plan = Point(1.0, "global", False, Kernel(1.0, 1, 2, 0.5), Kernel(0.5, 1, 2, 0.5)).plan(ds)
     a, b = fallback(plan), whole(plan)
     assert (a.refusal, a.kl) == (b.refusal, b.kl)
+
+
+def test_auto_strategy_uses_the_coordinate_search_only_where_its_grid_leaves_half_the_budget():
+    from refusal_lens.abliteration.pipeline import resolve_strategy
+
+    assert resolve_strategy("auto", 8, 150) == "coordinate"  # the organism: 52 of 150 points before refining
+    assert resolve_strategy("auto", 30, 150) == "gradient"  # SmolLM2: 96 of 150
+    assert resolve_strategy("auto", 30, 192) == "coordinate"  # 96 = half of 192
+    assert resolve_strategy("coordinate", 30, 10) == "coordinate"  # an explicit choice is kept
+    with pytest.raises(UserError, match="auto, coordinate, gradient"):
+        resolve_strategy("random", 8, 150)

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from ..core.adapters import get_adapter
 from ..core.errors import UserError
 from ..core.models import model_name
 from ..core.progress import progress_bar
@@ -39,10 +40,13 @@ class AbliterateConfig:
     """Harmless prompts (held out from the directions) whose first-token KL scores every search point; default
     4 × --n-search. KL over few prompts is heavy-tailed and the search fits it: on the organism, the chosen points'
     KL on fresh prompts was 1.4–1.8× the search KL with 100 prompts, 1.0–1.1× with 300."""
-    strategy: str = "coordinate"
-    """Search: "coordinate" (direction scan, kernel-shape grid, coordinate descent of the kernels) or "gradient"
+    strategy: str = "auto"
+    """Search: "coordinate" (direction scan, kernel-shape grid, coordinate descent of the kernels), "gradient"
     (direction scan, then steps along KL bounds with a free strength per layer, from the gradients of both
-    objectives: fewer scored points, but its edits fit the search prompts more closely; see docs/abliteration.md)."""
+    objectives: fewer scored points, but its edits fit the search prompts more closely), or "auto": coordinate
+    where its scan and grid (2 × layers + 36 points) leave at least half of --max-evaluations to refine, else
+    gradient. On the 8-layer organism the coordinate search generalised better; on SmolLM2 (30 layers, 150 points)
+    it left 31 of 39 replies refusing at KL 0.096, the gradient search 3 at 0.081 (docs/abliteration.md)."""
     max_evaluations: int = 150
     """Most points the search scores (first-token objectives, one forward pass per batch each; a gradient step is
     one point that costs about three)."""
@@ -80,6 +84,19 @@ def split_prompts(items: Sequence[str], n_train: int, n_search: int, seed: int) 
     random.Random(seed).shuffle(order)
     n_s = min(n_search, len(items) // 2)
     return [items[i] for i in order[n_s : n_s + n_train]], [items[i] for i in order[:n_s]]
+
+
+STRATEGIES = ("auto", "coordinate", "gradient")
+
+
+def resolve_strategy(strategy: str, n_layers: int, max_evaluations: int) -> str:
+    """The search to run: ``auto`` picks coordinate while its direction scan and kernel grid take at most half
+    the budget (they grow with depth), else gradient, whose scan is a fixed size."""
+    if strategy not in STRATEGIES:
+        raise UserError(f"--strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
+    if strategy != "auto":
+        return strategy
+    return "coordinate" if 2 * n_layers + 36 <= max_evaluations / 2 else "gradient"
 
 
 def data_hash(items: Sequence[str]) -> str:
@@ -143,6 +160,7 @@ def abliterate(
     """Search the (refusal, KL) front and pick a point; every scored point is checkpointed to ``checkpoint``."""
     cfg = config or AbliterateConfig()
     t0 = time.perf_counter()
+    strategy = resolve_strategy(cfg.strategy, get_adapter(model).n_layers, cfg.max_evaluations)
     fmt = ChatFormatter(tokenizer, system=system, chat_template=chat_template)
     harmful_train, hf_search = split_prompts(list(harmful), cfg.n_train, cfg.n_search, cfg.seed)
     n_kl = 4 * cfg.n_search if cfg.n_kl is None else cfg.n_kl
@@ -160,12 +178,9 @@ def abliterate(
         "system": system,
         "refusal_ids": ids,
         # the budget and the checks do not change any score, so a resumed run may change them
-        "config": {
-            k: v for k, v in asdict(cfg).items() if k not in ("check_points", "check_tokens", "max_evaluations")
-        },
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("check_points", "check_tokens", "max_evaluations")}
+        | {"strategy": strategy},  # the search that ran, so "auto" resumes a coordinate checkpoint and vice versa
     }
-    if cfg.strategy not in ("gradient", "coordinate"):
-        raise UserError(f"--strategy {cfg.strategy!r} is unknown; choose gradient or coordinate.")
     store = Checkpoint(checkpoint, fingerprint)
     resumed = len(store.rows)
     search_cfg = SearchConfig(
@@ -173,7 +188,7 @@ def abliterate(
         target_kl=(0.02 if max_kl is None else max_kl) if max_refusal is None else None,
         target_refusal=max_refusal,
     )
-    if cfg.strategy == "gradient":
+    if strategy == "gradient":
         search: Search = GradientSearch(
             directions, evaluator, store, search_cfg, progress,
             gradients=lambda plan: strength_gradients(evaluator, plan), exact_hooks=not cfg.norm_preserving,
@@ -214,5 +229,6 @@ def abliterate(
         "seconds_total": time.perf_counter() - t0,
         "checked": checked,
         "system": system,
+        "strategy": strategy,
     }
     return AbliterationResult(directions, rows, checked_front, chosen, ids, info)
