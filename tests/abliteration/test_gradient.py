@@ -67,10 +67,15 @@ def test_strength_gradients_match_central_finite_differences(tokenizer):
     assert g.kl_attn.abs().max() > 1e-6 and g.refusal_mlp.abs().max() > 1e-6  # gradients that can be wrong
 
 
-def test_gradient_pass_scores_equal_the_edited_weights_scores(setup):
+@pytest.mark.parametrize("system", [None, "you are a helpful assistant . sure , here is a short story ."])
+def test_gradient_pass_scores_equal_the_edited_weights_scores(setup, tokenizer, system):
+    """With a system message the edited-weights scores run the shared opening once per point and the gradient
+    pass runs whole prompts: they must still agree."""
     model, fmt, ds = setup
+    fmt = ChatFormatter(tokenizer, system=system)
     point = Point(2.0, "global", False, Kernel(), Kernel(), 0.0, (0.2, 1.3, 0.0), (0.9, 0.0, 0.5))
     ev = Evaluator(model, fmt, HARMFUL[:4], HARMLESS[:4], IDS, batch_size=3)
+    assert (ev.prefix is not None) == (system is not None)
     params = list(model.parameters())
     params[0].requires_grad_(True)
     flags = [p.requires_grad for p in params]

@@ -78,12 +78,12 @@ def strength_gradients(evaluator: Evaluator, plan: AblationPlan) -> Gradients:
     if plan.embed:
         fns[(0, "resid_pre")] = _scaled_remover(torch.tensor(float(plan.embed)), plan.embed_direction)
     ids = torch.tensor(ev.ids)
-    n_harm = sum(b["input_ids"].shape[0] for b in ev.harmful)
-    n_safe = sum(b["input_ids"].shape[0] for b in ev.harmless)
+    n_harm = sum(b["input_ids"].shape[0] for b in ev.whole_harmful)
+    n_safe = sum(b["input_ids"].shape[0] for b in ev.whole_harmless)
     refusal = argmax = kl = 0.0
     grads: dict[str, torch.Tensor] = {}
     with frozen(ev.model), torch.enable_grad(), site_hooks(ev.model, fns, adapter):
-        for b in ev.harmful:
+        for b in ev.whole_harmful:  # whole prompts: the shared opening's activations depend on the strengths too
             probs = torch.softmax(ev.model(**b, use_cache=False, logits_to_keep=1).logits[:, -1].double(), -1)
             p_ref = probs[:, ids].sum(-1)
             (p_ref.sum() / n_harm).backward()
@@ -91,7 +91,7 @@ def strength_gradients(evaluator: Evaluator, plan: AblationPlan) -> Gradients:
             argmax += float(torch.isin(probs.detach().argmax(-1), ids).double().sum()) / n_harm
         grads["refusal_attn"], grads["refusal_mlp"] = _take(attn), _take(mlp)
         row = 0
-        for b in ev.harmless:
+        for b in ev.whole_harmless:
             logq = torch.log_softmax(ev.model(**b, use_cache=False, logits_to_keep=1).logits[:, -1].double(), -1)
             logp = ev.base_logp[row : row + logq.shape[0]]
             row += logq.shape[0]

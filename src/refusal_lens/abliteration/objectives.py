@@ -77,6 +77,9 @@ class Evaluator:
         self.prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # the unedited model's, per layer
         self.resid: dict[int, list[torch.Tensor]] | None = None
         self.harmful, self.harmless = ([formatter.encode(b, device) for b in part] for part in parts)
+        # whole prompts, for passes that need every token in one graph (the gradient search differentiates the
+        # opening's activations too)
+        self.whole_harmful, self.whole_harmless = self.harmful, self.harmless
         self.base_logp = torch.log_softmax(self._logits(self.harmless).double(), -1)
         if shared_prefix:
             self._use_prefix([[[formatter.token_ids(p) for p in b] for b in part] for part in parts], device)
