@@ -75,6 +75,7 @@ class Evaluator:
         parts = _length_sorted(formatter, harmful, batch_size), _length_sorted(formatter, harmless, batch_size)
         self.prefix: SharedPrefix | None = None
         self.prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # the unedited model's, per layer
+        self.prefix_resid: list[torch.Tensor] = []  # the unedited opening's resid_pre, per layer (tail shortcut)
         self.resid: dict[int, list[torch.Tensor]] | None = None
         self.harmful, self.harmless = ([formatter.encode(b, device) for b in part] for part in parts)
         # whole prompts, for passes that need every token in one graph (the gradient search differentiates the
@@ -90,12 +91,12 @@ class Evaluator:
         self.base = self._score_current()
         self.calls = 0
 
-    def _use_prefix(self, rows: list[list[list[list[int]]]], device) -> bool:
+    def _use_prefix(self, rows: list[list[list[list[int]]]], device) -> None:
         """Switch to prefix + rest batches if the prompts share an opening worth it and the batches give the
         unedited model's logits (else keep whole prompts)."""
         prefix = SharedPrefix.find([r for part in rows for b in part for r in b], PREFIX_MIN_TOKENS, device)
         if prefix is None:
-            return False
+            return
         pad = getattr(self.formatter.tokenizer, "pad_token_id", None) or 0
         whole = self.harmful, self.harmless, self.prefix, self.prefix_kv
         try:
@@ -103,14 +104,13 @@ class Evaluator:
             self.harmful, self.harmless = ([prefix.batch(b, pad) for b in part] for part in rows)
             got = torch.log_softmax(self._logits(self.harmless).double(), -1)
             if reproduces(got, self.base_logp, self.adapter.embed.weight.dtype):
-                return True
+                return
             why = "does not reproduce the model's first-token distributions"
         except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
             why = f"failed ({type(exc).__name__}: {exc})"  # a family whose forward takes no cache this way
         warnings.warn(f"running the prompts' shared opening once per point {why}; scoring whole prompts (slower, "
                       "same result).", stacklevel=3)  # fmt: skip
         self.harmful, self.harmless, self.prefix, self.prefix_kv = whole
-        return False
 
     @torch.no_grad()
     def _capture(self, batches: list[dict]) -> dict[int, list[torch.Tensor]]:

@@ -5,8 +5,8 @@ system message (SmolLM2 inserts a default one). The search scores hundreds of po
 :class:`SharedPrefix` runs those ``P`` tokens once per point (batch 1) and feeds their keys and values, repeated
 over the batch, to a forward pass of only the rest of each prompt. The rest is left-padded *after* the prefix
 (masked), with positions that continue from ``P``, so every real token sees exactly what it saw before: only the
-order of float additions changes. :meth:`SharedPrefix.matches` checks that on the unedited model at start-up and
-the evaluator falls back to whole prompts where it does not hold (a family whose forward or cache differs).
+order of float additions changes. :class:`~.objectives.Evaluator` checks that on the unedited model at start-up
+and falls back to whole prompts where it does not hold (a family whose forward or cache differs).
 
 Example:
     >>> prefix = SharedPrefix.find([fmt.token_ids(p) for p in prompts], min_tokens=8)  # doctest: +SKIP
@@ -27,6 +27,8 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class SharedPrefix:
+    """The common opening's token ids ``[1, P]``, and the batches and caches that continue from it."""
+
     def __init__(self, ids: Sequence[int], device: torch.device | str):
         self.ids = torch.tensor([list(ids)], device=device)
 
