@@ -27,7 +27,7 @@ from ..core.hooks import site_hooks
 from ..core.models import cache_argument, input_device
 from ..core.prompts import ChatFormatter, position_ids
 from ..direction.scoring import is_refusal_text
-from ..direction.selection_passes import reproduces
+from ..direction.selection_passes import PromptSet, reproduces
 from ..direction.strengths import AblationPlan, edited_weights
 from ..evaluation.generation import GenerationSettings, generate
 from .prefix import SharedPrefix
@@ -83,7 +83,7 @@ class Evaluator:
         self.whole_harmful, self.whole_harmless = self.harmful, self.harmless
         self.base_logp = torch.log_softmax(self._logits(self.harmless).double(), -1)
         if shared_prefix:
-            self._use_prefix([[[formatter.token_ids(p) for p in b] for b in part] for part in parts], device)
+            self._use_prefix(parts)
         tokens = sum(b["input_ids"].numel() for b in self.harmful + self.harmless)
         size = tokens * self.adapter.n_layers * self.adapter.d_model * next(model.parameters()).element_size()
         if self.adapter.spec.exact_tail and size <= cache_bytes:
@@ -91,16 +91,19 @@ class Evaluator:
         self.base = self._score_current()
         self.calls = 0
 
-    def _use_prefix(self, rows: list[list[list[list[int]]]], device) -> None:
-        """Switch to prefix + rest batches if the prompts share an opening worth it and the batches give the
-        unedited model's logits (else keep whole prompts)."""
-        prefix = SharedPrefix.find([r for part in rows for b in part for r in b], PREFIX_MIN_TOKENS, device)
-        if prefix is None:
+    def _use_prefix(self, parts: tuple[list[list[str]], ...]) -> None:
+        """Switch to prefix + rest batches (``parts``: the harmful and harmless prompts' batches) if the prompts
+        share an opening worth it and the batches give the unedited model's logits (else keep whole prompts)."""
+        prompts = [p for part in parts for b in part for p in b]
+        shared = PromptSet(self.formatter, prompts, input_device(self.model))  # the selection's shared-prefix length
+        if shared.prefix < PREFIX_MIN_TOKENS:  # the extra batch-1 pass per point would cost more than it saves
             return
+        prefix = SharedPrefix(shared.ids[0][: shared.prefix], shared.device)
         pad = getattr(self.formatter.tokenizer, "pad_token_id", None) or 0
         whole = self.harmful, self.harmless, self.prefix, self.prefix_kv
         try:
             self.prefix, self.prefix_kv = prefix, prefix.keys_values(self.model, self.adapter.n_layers)
+            rows = [[[self.formatter.token_ids(p) for p in b] for b in part] for part in parts]
             self.harmful, self.harmless = ([prefix.batch(b, pad) for b in part] for part in rows)
             got = torch.log_softmax(self._logits(self.harmless).double(), -1)
             if reproduces(got, self.base_logp, self.adapter.embed.weight.dtype):

@@ -9,12 +9,12 @@ order of float additions changes. :class:`~.objectives.Evaluator` checks that on
 and falls back to whole prompts where it does not hold (a family whose forward or cache differs).
 
 Example:
-    >>> prefix = SharedPrefix.find([fmt.token_ids(p) for p in prompts], min_tokens=8)  # doctest: +SKIP
+    >>> prefix = SharedPrefix(fmt.token_ids(prompts[0])[:n_shared], "cpu")  # doctest: +SKIP
+    >>> batch = prefix.batch([fmt.token_ids(p) for p in prompts], pad_id=0)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..core.models import cache_argument
+from ..core.prompts import position_ids
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -35,16 +36,6 @@ class SharedPrefix:
     def __len__(self) -> int:
         return self.ids.shape[1]
 
-    @classmethod
-    def find(cls, rows: Sequence[Sequence[int]], min_tokens: int, device: torch.device | str = "cpu"):
-        """The common first tokens of ``rows`` (each keeps at least one token of its own), or None when fewer
-        than ``min_tokens``: the extra batch-1 pass per point then costs more than it saves."""
-        if not rows:
-            return None
-        common = os.path.commonprefix([list(r) for r in rows])
-        n = min(len(common), min(len(r) for r in rows) - 1)
-        return cls(common[:n], device) if n >= min_tokens else None
-
     def batch(self, rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
         """The rows without the prefix, left-padded; the mask covers prefix + rest, positions continue from P."""
         P, rests = len(self), [list(r)[len(self) :] for r in rows]
@@ -52,7 +43,7 @@ class SharedPrefix:
         ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rests], device=self.ids.device)
         rest_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rests], device=self.ids.device)
         mask = torch.cat([torch.ones(len(rows), P, dtype=rest_mask.dtype, device=rest_mask.device), rest_mask], 1)
-        positions = P + (rest_mask.cumsum(-1) - 1).clamp_min(0)
+        positions = P + position_ids(rest_mask)
         return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
     @torch.no_grad()
