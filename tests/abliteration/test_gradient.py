@@ -14,7 +14,7 @@ from refusal_lens.abliteration.search import Checkpoint, Kernel, Point, SearchCo
 from refusal_lens.core.prompts import ChatFormatter
 from refusal_lens.direction.strengths import AblationPlan, weighted_ablation
 from refusal_lens.direction.variants import DirectionSet
-from refusal_lens.testing import random_model
+from refusal_lens.testing import FAMILIES, random_model
 
 from ..conftest import HARMFUL, HARMLESS
 
@@ -69,8 +69,8 @@ def test_strength_gradients_match_central_finite_differences(tokenizer):
 
 @pytest.mark.parametrize("system", [None, "you are a helpful assistant . sure , here is a short story ."])
 def test_gradient_pass_scores_equal_the_edited_weights_scores(setup, tokenizer, system):
-    """With a system message the edited-weights scores run the shared opening once per point and the gradient
-    pass runs whole prompts: they must still agree."""
+    """With a system message both paths run the shared opening once per point (the gradient pass with its graph):
+    they must still agree."""
     model, fmt, ds = setup
     fmt = ChatFormatter(tokenizer, system=system)
     point = Point(2.0, "global", False, Kernel(), Kernel(), 0.0, (0.2, 1.3, 0.0), (0.9, 0.0, 0.5))
@@ -89,6 +89,30 @@ def test_gradient_pass_scores_equal_the_edited_weights_scores(setup, tokenizer, 
     assert by_hooks.refusal_argmax == by_weights.refusal_argmax
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_pass_through_the_shared_opening_equals_whole_prompts(family, tokenizer):
+    """Running the system message once and backpropagating into it once gives the whole prompts' scores and
+    gradients (float64 where the family's kernels allow it, so only the order of additions differs)."""
+    grouped_mm = family in ("qwen2_moe", "mixtral", "qwen3_moe")  # torch's grouped matmul takes no float64
+    model = random_model(family, n_layers=3) if grouped_mm else random_model(family, n_layers=3).double()
+    tol = 1e-4 if grouped_mm else 1e-6
+    fmt = ChatFormatter(tokenizer, system="you are a helpful assistant . sure , here is a short story .")
+    ds = DirectionSet.from_prompts(model, fmt, HARMFUL, HARMLESS)
+    dirs, embed_dir = ds.plan_directions(1.4, "global", False)
+    plan = AblationPlan(dirs, torch.tensor([0.3, 0.8, 0.5]), torch.tensor([0.6, 0.2, 1.1]), embed_dir, 0.4)
+    shared = Evaluator(model, fmt, HARMFUL[:5], HARMLESS[:5], IDS, batch_size=2, force=True)
+    if shared.prefix is None:
+        pytest.skip(f"{family}: the evaluator runs whole prompts here (its forward cannot continue the opening)")
+    whole = Evaluator(model, fmt, HARMFUL[:5], HARMLESS[:5], IDS, batch_size=2, force=True, shared_prefix=False)
+    a, b = strength_gradients(shared, plan), strength_gradients(whole, plan)
+    assert a.scores.refusal == pytest.approx(b.scores.refusal, rel=tol)
+    assert a.scores.kl == pytest.approx(b.scores.kl, rel=tol) and b.scores.kl > 1e-6
+    for name in ("refusal_attn", "refusal_mlp", "kl_attn", "kl_mlp"):
+        got, want = getattr(a, name), getattr(b, name)
+        assert want.abs().max() > 1e-8, name  # a gradient that can be wrong
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
 def test_free_strength_points_round_trip_and_kernel_points_keep_their_keys():
     free = Point(1.5, "global", True, Kernel(0, 0, 0, 0), Kernel(0, 0, 0, 0), 0.0, (0.1, 0.25), (1.0, 0.0))
     assert Point.from_json(json.loads(json.dumps(free.to_json()))) == free
@@ -102,7 +126,8 @@ def test_gradient_search_traces_bounds_and_resumes_without_rescoring(setup, tmp_
 
     def search(path, budget, recorded):
         ev = Evaluator(model, fmt, HARMFUL[:3], HARMLESS[:3], IDS)
-        cfg = SearchConfig(max_evaluations=budget, target_kl=0.05, kl_bounds=(0.5,), gradient_steps=2)
+        cfg = SearchConfig(max_evaluations=budget, target_kl=0.05, kl_bounds=(0.5, 4.0), front_bounds=1,
+                           gradient_steps=2, target_steps=3)  # fmt: skip
         s = GradientSearch(ds, ev, Checkpoint(path, {"x": 1}), cfg, False,
                            on_point=recorded.append, gradients=lambda plan: strength_gradients(ev, plan))  # fmt: skip
         return s.run()
@@ -111,6 +136,9 @@ def test_gradient_search_traces_bounds_and_resumes_without_rescoring(setup, tmp_
     fresh = search(tmp_path / "a.jsonl", 100, fresh_new)
     phases = [r["phase"] for r in fresh]
     assert "gradient:kl<=0.05" in phases and "gradient:kl<=0.5" in phases and "line" in phases
+    assert "gradient:kl<=4" not in phases  # front_bounds=1: only the bound nearest the user's
+    # every step scores one new point: the user's bound gets target_steps, the other bound gradient_steps
+    assert phases.count("gradient:kl<=0.05") == 3 and phases.count("gradient:kl<=0.5") == 2
     assert any("attn_w" in r["point"] for r in fresh)
     assert len(fresh_new) == len(fresh)
     first: list = []

@@ -78,28 +78,61 @@ def strength_gradients(evaluator: Evaluator, plan: AblationPlan) -> Gradients:
     if plan.embed:
         fns[(0, "resid_pre")] = _scaled_remover(torch.tensor(float(plan.embed)), plan.embed_direction)
     ids = torch.tensor(ev.ids)
-    n_harm = sum(b["input_ids"].shape[0] for b in ev.whole_harmful)
-    n_safe = sum(b["input_ids"].shape[0] for b in ev.whole_harmless)
+    n_harm = sum(b["input_ids"].shape[0] for b in ev.harmful)
+    n_safe = sum(b["input_ids"].shape[0] for b in ev.harmless)
     refusal = argmax = kl = 0.0
     grads: dict[str, torch.Tensor] = {}
     with frozen(ev.model), torch.enable_grad(), site_hooks(ev.model, fns, adapter):
-        for b in ev.whole_harmful:  # whole prompts: the shared opening's activations depend on the strengths too
-            probs = torch.softmax(ev.model(**b, use_cache=False, logits_to_keep=1).logits[:, -1].double(), -1)
+        opening = _Opening(ev)
+        for b in ev.harmful:
+            logits = ev.model(**b, **opening.cache_args(b), logits_to_keep=1).logits
+            probs = torch.softmax(logits[:, -1].double(), -1)
             p_ref = probs[:, ids].sum(-1)
             (p_ref.sum() / n_harm).backward()
             refusal += float(p_ref.detach().sum()) / n_harm
             argmax += float(torch.isin(probs.detach().argmax(-1), ids).double().sum()) / n_harm
+        opening.backward(retain_graph=True)  # the harmful prompts' share of the gradient through the opening
         grads["refusal_attn"], grads["refusal_mlp"] = _take(attn), _take(mlp)
         row = 0
-        for b in ev.whole_harmless:
-            logq = torch.log_softmax(ev.model(**b, use_cache=False, logits_to_keep=1).logits[:, -1].double(), -1)
+        for b in ev.harmless:
+            logits = ev.model(**b, **opening.cache_args(b), logits_to_keep=1).logits
+            logq = torch.log_softmax(logits[:, -1].double(), -1)
             logp = ev.base_logp[row : row + logq.shape[0]]
             row += logq.shape[0]
             per = (logp.exp() * (logp - logq)).sum(-1)
             (per.sum() / n_safe).backward()
             kl += float(per.detach().clamp_min(0).sum()) / n_safe
+        opening.backward(retain_graph=False)
         grads["kl_attn"], grads["kl_mlp"] = _take(attn), _take(mlp)
     return Gradients(Scores(refusal, argmax, kl), **grads)
+
+
+class _Opening:
+    """The prompts' shared opening (when the evaluator runs it once per point) in the gradient pass.
+
+    Its keys and values are computed once, under the hooks, with their graph to the strengths; every batch
+    continues from detached leaf copies of them, so a batch's backward pass stops at the leaves and adds up
+    ``∂objective/∂(keys, values)`` there. :meth:`backward` then carries that sum through the opening's own graph
+    once: the chain rule, summed over batches, without running the opening once per batch.
+    """
+
+    def __init__(self, ev: Evaluator):
+        self.ev, self.kv, self.leaves = ev, [], []
+        if ev.prefix is not None:
+            self.kv = [t for pair in ev.prefix.keys_values(ev.model, ev.adapter.n_layers, differentiable=True)
+                       for t in pair]  # fmt: skip
+            self.leaves = [t.detach().requires_grad_(t.requires_grad) for t in self.kv]
+
+    def cache_args(self, batch: dict) -> dict:
+        pairs = list(zip(self.leaves[0::2], self.leaves[1::2], strict=True))
+        return self.ev.cache_args(pairs, batch)
+
+    def backward(self, retain_graph: bool) -> None:
+        pending = [(t, leaf.grad) for t, leaf in zip(self.kv, self.leaves, strict=True) if leaf.grad is not None]
+        if pending:
+            torch.autograd.backward([t for t, _ in pending], [g for _, g in pending], retain_graph=retain_graph)
+        for leaf in self.leaves:
+            leaf.grad = None
 
 
 def _take(leaf: torch.Tensor) -> torch.Tensor:
@@ -110,7 +143,8 @@ def _take(leaf: torch.Tensor) -> torch.Tensor:
 
 class GradientSearch(Search):
     """The front traced with gradients: a direction scan, a line of uniform strengths, then for each KL bound
-    (the user's first) a few steps that lower refusal along the bound with a free strength per layer and write.
+    (the user's first, with the most steps; then the ``front_bounds`` nearest of ``kl_bounds``) a few steps that
+    lower refusal along the bound with a free strength per layer and write.
 
     A step moves the strengths ``θ`` (attention and MLP of every layer, in ``[0, 1.5]``) by
     ``−α·P∇R/‖P∇R‖∞`` (steepest descent of the refusal within the KL level set, ``P`` removing the ``∇KL``
@@ -133,17 +167,16 @@ class GradientSearch(Search):
             line = [replace(best, attn=Kernel(s, (L - 1) / 2, float(L), s), mlp=Kernel(s, (L - 1) / 2, float(L), s))
                     for s in (0.25, 0.5, 0.75)]  # fmt: skip
             self._all(line, "line")
-            steps = self.cfg.gradient_steps
             if self.cfg.target_refusal is not None:
-                self._trace(best, "refusal", self.cfg.target_refusal, 2 * steps)
+                self._trace(best, "refusal", self.cfg.target_refusal, self.cfg.target_steps)
             first = self.cfg.target_kl
             if first is not None:
-                self._trace(best, "kl", first, 2 * steps)
+                self._trace(best, "kl", first, self.cfg.target_steps)
             # the bounds nearest the user's first: a budget that runs out leaves the front traced around the pick
             bounds = sorted(self.cfg.kl_bounds, key=lambda b: abs(math.log(b / (first or 0.1))))
-            for bound in bounds:
-                if first is None or abs(bound - first) > 0.2 * first:
-                    self._trace(best, "kl", bound, steps)
+            bounds = [b for b in bounds if first is None or abs(b - first) > 0.2 * first]
+            for bound in bounds[: self.cfg.front_bounds]:
+                self._trace(best, "kl", bound, self.cfg.gradient_steps)
         self.bar.close()
         return list(self.checkpoint.rows.values())
 

@@ -78,9 +78,6 @@ class Evaluator:
         self.prefix_resid: list[torch.Tensor] = []  # the unedited opening's resid_pre, per layer (tail shortcut)
         self.resid: dict[int, list[torch.Tensor]] | None = None
         self.harmful, self.harmless = ([formatter.encode(b, device) for b in part] for part in parts)
-        # whole prompts, for passes that need every token in one graph (the gradient search differentiates the
-        # opening's activations too)
-        self.whole_harmful, self.whole_harmless = self.harmful, self.harmless
         self.base_logp = torch.log_softmax(self._logits(self.harmless).double(), -1)
         if shared_prefix:
             self._use_prefix(parts)
@@ -130,11 +127,12 @@ class Evaluator:
                 self.model(input_ids=self.prefix.ids, use_cache=False, logits_to_keep=1)
                 self.prefix_resid = [current[layer] for layer in range(self.adapter.n_layers)]
             for b in batches:
-                self.model(**b, **self._cache_args(self.prefix_kv, b), logits_to_keep=1)
+                self.model(**b, **self.cache_args(self.prefix_kv, b), logits_to_keep=1)
                 out[id(b)] = [current[layer] for layer in range(self.adapter.n_layers)]
         return out
 
-    def _cache_args(self, kv: list, batch: dict) -> dict:
+    def cache_args(self, kv: list, batch: dict) -> dict:
+        """Keyword arguments that continue ``batch`` from the opening's keys and values ``kv`` (or run it whole)."""
         if self.prefix is None:
             return {"use_cache": False}
         cache = SharedPrefix.cache(self.model, kv, batch["input_ids"].shape[0])
@@ -158,7 +156,7 @@ class Evaluator:
         out = []
         kv = self._prefix_keys_values(first)
         for b in batches:
-            cache = self._cache_args(kv, b)  # made before the layer list is cut: it needs every layer's type
+            cache = self.cache_args(kv, b)  # made before the layer list is cut: it needs every layer's type
             if first > 0 and self.resid is not None:
                 tail = {"inputs_embeds": self.resid[id(b)][first], "attention_mask": b["attention_mask"],
                         "position_ids": b["position_ids"]}  # fmt: skip

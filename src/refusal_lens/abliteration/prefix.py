@@ -46,13 +46,17 @@ class SharedPrefix:
         positions = P + position_ids(rest_mask)
         return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
-    @torch.no_grad()
-    def keys_values(self, model: nn.Module, n_layers: int, inputs: dict | None = None, cache=None) -> KV:
+    def keys_values(
+        self, model: nn.Module, n_layers: int, inputs: dict | None = None, cache=None, differentiable: bool = False
+    ) -> KV:
         """Per layer, the prefix's keys and values ([1, heads, P, head_dim]); ``inputs`` replaces the token ids
         (e.g. ``inputs_embeds`` for a run of the last layers only), and layers the run skips come back empty.
-        ``cache``: an empty one made beforehand (a cache made while the layer list is cut has too few layers)."""
+        ``cache``: an empty one made beforehand (a cache made while the layer list is cut has too few layers).
+        ``differentiable``: keep the autograd graph (the gradient search backpropagates into the opening)."""
         cache = DynamicCache(config=model.config) if cache is None else cache
-        model(**(inputs or {"input_ids": self.ids}), **{cache_argument(model): cache}, use_cache=True, logits_to_keep=1)
+        inputs = inputs or {"input_ids": self.ids}
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            model(**inputs, **{cache_argument(model): cache}, use_cache=True, logits_to_keep=1)
         out = []
         for layer in cache.layers[:n_layers]:
             ok = getattr(layer, "is_initialized", False) and layer.keys is not None and layer.keys.numel()

@@ -182,8 +182,12 @@ class SearchConfig:
     neighbours, its projected form and the per-layer directions)."""
     kl_bounds: tuple[float, ...] = (0.01, 0.03, 0.06, 0.2, 0.5, 1.0)
     """Gradient search: after the user's bound, trace the front at these KL bounds (fewest refusals under each)."""
+    front_bounds: int = 4
+    """Gradient search: how many of ``kl_bounds`` are traced, the nearest to the user's bound first."""
     gradient_steps: int = 3
-    """Gradient search: steps per bound (twice as many for the user's bound)."""
+    """Gradient search: steps per bound of ``kl_bounds``."""
+    target_steps: int = 12
+    """Gradient search: steps along the user's bound (on SmolLM2 the refusal still fell at the sixth)."""
     step: float = 0.15
     """Gradient search: largest change of any strength along the front per step (halved when a step fails)."""
 
