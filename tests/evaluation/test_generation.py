@@ -107,3 +107,27 @@ def test_completions_jsonl_round_trip(tmp_path, tokenizer, llama):
     back = load_completions(path)
     assert back[0].prompt == 'say "hi" <b>' and back[0].completion == out[0].completion
     assert back[0].settings["max_new_tokens"] == 3 and "token_ids" not in path.read_text()
+
+
+def test_replies_stopped_at_a_refusal_phrase_give_the_full_replies_verdicts():
+    """The abliteration check stops a reply once it holds a refusal phrase: on the organism (which refuses
+    harmful prompts and answers harmless ones) every verdict equals the full reply's, stopped replies are
+    prefixes of the full ones, and most refusals stop early."""
+    from refusal_lens.abliteration.objectives import generated_refusals
+    from refusal_lens.core.models import load_model
+    from refusal_lens.direction.scoring import is_refusal_text
+    from refusal_lens.organism import load_prompts
+
+    model, tok = load_model()  # the shipped organism
+    prompts = [p.instruction for k in ("harmful", "harmless") for p in load_prompts(f"organism:{k}:test")[:12]]
+    fmt = ChatFormatter(tok)
+    settings = GenerationSettings(max_new_tokens=48, batch_size=8)
+    full = generate(model, tok, prompts, settings=settings, formatter=fmt, progress=False)
+    cut = generate(model, tok, prompts, settings=settings, formatter=fmt, progress=False, stop_when=is_refusal_text)
+    assert [is_refusal_text(c.completion) for c in cut] == [is_refusal_text(c.completion) for c in full]
+    assert all(f.completion.startswith(c.completion) for c, f in zip(cut, full))
+    refused = [(c, f) for c, f in zip(cut, full) if is_refusal_text(f.completion)]
+    assert 8 <= len(refused) <= 16  # the organism refuses most harmful prompts and few harmless ones
+    assert sum(c.n_tokens < f.n_tokens for c, f in refused) >= len(refused) // 2
+    n, replies = generated_refusals(model, tok, fmt, prompts, None, 48, 8)
+    assert n == len(refused) and replies == [c.completion for c in cut]

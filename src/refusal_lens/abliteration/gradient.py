@@ -5,7 +5,8 @@ with the strengths as leaf tensors, one forward and one backward pass over the s
 score, the KL and ``∂refusal/∂λ``, ``∂KL/∂λ`` for all ``2L`` strengths (attention and MLP of every layer) at about
 three times the cost of scoring the point. Harmful and harmless prompts are separate batches, so each backward pass
 feeds exactly one of the two gradients. The model's own parameters are frozen for the pass (no weight gradients
-are computed) and restored afterwards.
+are computed) and restored afterwards. Where the evaluator runs the prompts' shared opening once per point, the pass
+does too, and backpropagates into it once per objective (:class:`_Opening`).
 
 The hook form equals the weight edit exactly for pre-norm families (``direction/strengths.py``), so the scores
 of the pass are the scores of the point; norm-preserving edits have no hook form, so the search then rescores the

@@ -194,11 +194,16 @@ def generated_refusals(
     norm_preserving: bool = False,
     force: bool = False,
 ) -> tuple[int, list[str]]:
-    """Greedy replies to ``prompts`` with the plan's weights; (number judged refusals, the replies)."""
+    """Greedy replies to ``prompts`` with the plan's weights; (number judged refusals, the replies).
+
+    A reply stops as soon as it contains a refusal phrase: the substring judge's verdict cannot change after that,
+    so the count is the one full replies give, and a model that still refuses most prompts is checked quickly.
+    """
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
 
     def run() -> list[str]:
-        out = generate(model, tokenizer, list(prompts), settings=settings, formatter=formatter, progress=False)
+        out = generate(model, tokenizer, list(prompts), settings=settings, formatter=formatter, progress=False,
+                       stop_when=is_refusal_text)  # fmt: skip
         return [c.completion for c in out]
 
     if plan is None:

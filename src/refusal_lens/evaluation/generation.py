@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..core.data import Prompt
 from ..core.errors import UserError
@@ -136,11 +137,14 @@ def generate(
     prompt_set: str | None = None,
     progress: bool = True,
     journal: CompletionJournal | None = None,
+    stop_when: Callable[[str], bool] | None = None,
 ) -> list[Completion]:
     """Generate one reply per prompt inside ``context()`` (a fresh context per batch).
 
     With a ``journal`` every finished batch is appended to it, and batches it already holds are replayed
     instead of generated (a resumed evaluation; the same batches and seeds give the same replies).
+    ``stop_when(text)``: a reply whose text so far makes it true is cut there (for a judge whose verdict can no
+    longer change, such as the substring refusal judge); its record says it did not finish.
 
     Example:
         >>> out = generate(model, tok, ["Tell me a joke"], lambda: ablate_direction(model, r))  # doctest: +SKIP
@@ -181,17 +185,44 @@ def generate(
                     max_new_tokens=settings.max_new_tokens,
                     eos_token_id=stops,
                     pad_token_id=tokenizer.pad_token_id,
+                    stopping_criteria=_text_stop(tokenizer, stop_when, inputs["input_ids"].shape[1]),
                     **sampling,
                 )
         new = gen[:, inputs["input_ids"].shape[1] :].tolist()
         made = []
         for p, row in zip(chunk, new):
             ids, finished = cut_at_stop(row, set(stops))
+            ids = _cut_when(tokenizer, stop_when, ids) if stop_when is not None and not finished else ids
             made.append(completion_record(p, ids, finished, stops, tokenizer, settings, intervention, prompt_set))
         if journal is not None:
             journal.add(intervention, prompt_set, b, [asdict(c) for c in made])
         out.extend(made)
     return out
+
+
+def _text_stop(tokenizer: Any, stop_when: Callable[[str], bool] | None, start: int) -> StoppingCriteriaList | None:
+    """A stopping criterion that ends each row whose new tokens' text satisfies ``stop_when``."""
+    if stop_when is None:
+        return None
+
+    class TextStop(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+            texts = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+            return torch.tensor([stop_when(t) for t in texts], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([TextStop()])
+
+
+def _cut_when(tokenizer: Any, stop_when: Callable[[str], bool], ids: list[int]) -> list[int]:
+    """``ids`` up to the first token whose text so far satisfies ``stop_when`` (a stopped row is padded after);
+    ``stop_when`` holds for every longer text once it holds, so a bisection finds that token."""
+    if not stop_when(tokenizer.decode(ids, skip_special_tokens=True)):
+        return ids
+    low, high = 1, len(ids)  # the shortest satisfying prefix length is in [low, high]
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if stop_when(tokenizer.decode(ids[:mid], skip_special_tokens=True)) else (mid + 1, high)
+    return ids[:high]
 
 
 def completion_record(
