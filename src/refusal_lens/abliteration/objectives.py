@@ -66,6 +66,7 @@ class Evaluator:
         force: bool = False,
         cache_bytes: int = 1 << 30,
         shared_prefix: bool = True,
+        tail_cache: bool = True,
     ):
         self.model, self.formatter = model, formatter
         self.adapter = get_adapter(model)
@@ -79,22 +80,22 @@ class Evaluator:
         self.resid: dict[int, list[torch.Tensor]] | None = None
         self.harmful, self.harmless = ([formatter.encode(b, device) for b in part] for part in parts)
         self.base_logp = torch.log_softmax(self._logits(self.harmless).double(), -1)
-        if shared_prefix:
-            self._use_prefix(parts)
+        base_logq = self._use_prefix(parts) if shared_prefix else None  # the harmless pass the scores will run
         tokens = sum(b["input_ids"].numel() for b in self.harmful + self.harmless)
         size = tokens * self.adapter.n_layers * self.adapter.d_model * next(model.parameters()).element_size()
-        if self.adapter.spec.exact_tail and size <= cache_bytes:
+        if tail_cache and self.adapter.spec.exact_tail and size <= cache_bytes:
             self.resid = self._capture(self.harmful + self.harmless)
-        self.base = self._score_current()
+        self.base = self._scores(self._logits(self.harmful), self.base_logp if base_logq is None else base_logq)
         self.calls = 0
 
-    def _use_prefix(self, parts: tuple[list[list[str]], ...]) -> None:
+    def _use_prefix(self, parts: tuple[list[list[str]], ...]) -> torch.Tensor | None:
         """Switch to prefix + rest batches (``parts``: the harmful and harmless prompts' batches) if the prompts
-        share an opening worth it and the batches give the unedited model's logits (else keep whole prompts)."""
+        share an opening worth it and the batches give the unedited model's logits (else keep whole prompts).
+        Returns the harmless first-token log-probabilities the prefix batches gave (None: whole prompts kept)."""
         prompts = [p for part in parts for b in part for p in b]
         shared = PromptSet(self.formatter, prompts, input_device(self.model))  # the selection's shared-prefix length
         if shared.prefix < PREFIX_MIN_TOKENS:  # the extra batch-1 pass per point would cost more than it saves
-            return
+            return None
         prefix = SharedPrefix(shared.ids[0][: shared.prefix], shared.device)
         pad = getattr(self.formatter.tokenizer, "pad_token_id", None) or 0
         whole = self.harmful, self.harmless, self.prefix, self.prefix_kv
@@ -104,13 +105,14 @@ class Evaluator:
             self.harmful, self.harmless = ([prefix.batch(b, pad) for b in part] for part in rows)
             got = torch.log_softmax(self._logits(self.harmless).double(), -1)
             if reproduces(got, self.base_logp, self.adapter.embed.weight.dtype):
-                return
+                return got
             why = "does not reproduce the model's first-token distributions"
         except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
             why = f"failed ({type(exc).__name__}: {exc})"  # a family whose forward takes no cache this way
         warnings.warn(f"running the prompts' shared opening once per point {why}; scoring whole prompts (slower, "
                       "same result).", stacklevel=3)  # fmt: skip
         self.harmful, self.harmless, self.prefix, self.prefix_kv = whole
+        return None
 
     @torch.no_grad()
     def _capture(self, batches: list[dict]) -> dict[int, list[torch.Tensor]]:
@@ -168,11 +170,14 @@ class Evaluator:
         return torch.cat(out)
 
     def _score_current(self, first: int = 0) -> Scores:
-        probs = torch.softmax(self._logits(self.harmful, first).double(), -1)
+        harmful = self._logits(self.harmful, first)
+        return self._scores(harmful, torch.log_softmax(self._logits(self.harmless, first).double(), -1))
+
+    def _scores(self, harmful_logits: torch.Tensor, harmless_logq: torch.Tensor) -> Scores:
+        probs = torch.softmax(harmful_logits.double(), -1)
         refusal = probs[:, self.ids].sum(-1)
         argmax_refuses = torch.isin(probs.argmax(-1), torch.tensor(self.ids))
-        logq = torch.log_softmax(self._logits(self.harmless, first).double(), -1)
-        kl = (self.base_logp.exp() * (self.base_logp - logq)).sum(-1).clamp_min(0)
+        kl = (self.base_logp.exp() * (self.base_logp - harmless_logq)).sum(-1).clamp_min(0)
         return Scores(float(refusal.mean()), float(argmax_refuses.double().mean()), float(kl.mean()))
 
     def __call__(self, plan: AblationPlan) -> Scores:

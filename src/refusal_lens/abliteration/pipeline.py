@@ -171,7 +171,10 @@ def abliterate(
         harmless_train, hl_search = list(harmless)[: cfg.n_train], list(harmless_search)[:n_kl]
     ids = list(refusal_ids) if refusal_ids else detect_refusal_tokens(model, fmt, harmful_train, harmless_train)
     directions = DirectionSet.from_prompts(model, fmt, harmful_train, harmless_train, cfg.batch_size)
-    evaluator = Evaluator(model, fmt, hf_search, hl_search, ids, cfg.batch_size, cfg.norm_preserving, force)
+    # the gradient search scores its points in the gradient pass, and its scan and line edit every layer: the
+    # residuals kept for the tail shortcut would go unused (unless norm-preserving points are rescored by edits)
+    evaluator = Evaluator(model, fmt, hf_search, hl_search, ids, cfg.batch_size, cfg.norm_preserving, force,
+                          tail_cache=strategy == "coordinate" or cfg.norm_preserving)  # fmt: skip
     fingerprint = {
         "model": model_name(model),
         "data": [data_hash(x) for x in (harmful_train, harmless_train, hf_search, hl_search)],
