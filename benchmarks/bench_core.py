@@ -197,3 +197,32 @@ def abliterate_shared_prefix(quick: bool) -> Result:
     details |= {"model": name, "prefix_tokens": len(shared.prefix) if shared.prefix else 0}
     details |= {"kl_shared": a.kl, "kl_whole": b.kl, "refusal_shared": a.refusal, "refusal_whole": b.refusal}
     return Result("abliterate_shared_prefix", statistics.median(ratios), 1.15, ratios, details)
+
+
+def abliterate_gradient_shared_prefix(quick: bool) -> Result:
+    """One gradient pass of the gradient search (both objectives and their strength gradients) with the shared
+    opening run once and backpropagated once vs every prompt whole (throughput ratio; same scores and gradients)."""
+    from refusal_lens.abliteration.gradient import strength_gradients
+    from refusal_lens.abliteration.objectives import Evaluator
+    from refusal_lens.direction.strengths import AblationPlan
+    from refusal_lens.direction.variants import DirectionSet
+
+    model, tok, name = organism_or_random(quick)
+    fmt = ChatFormatter(tok, system="You are a helpful assistant.")
+    harmful, harmless = _prompts(40, 1), _prompts(100, 2)
+    ds = DirectionSet.from_prompts(model, fmt, harmful, harmless)
+    ids = [tok.convert_tokens_to_ids("I")] if hasattr(tok, "convert_tokens_to_ids") else [5]
+    shared = Evaluator(model, fmt, harmful, harmless, ids, tail_cache=False)
+    whole = Evaluator(model, fmt, harmful, harmless, ids, shared_prefix=False, tail_cache=False)
+    L = ds.n_layers
+    dirs, embed_dir = ds.plan_directions(L / 2, "global", False)
+    plan = AblationPlan(dirs, torch.linspace(0.2, 0.9, L), torch.linspace(0.8, 0.1, L), embed_dir, 0.0)
+    a, b = strength_gradients(shared, plan), strength_gradients(whole, plan)
+    ratios, details = interleaved_ratio(
+        lambda: strength_gradients(whole, plan), lambda: strength_gradients(shared, plan), 3 if quick else 5
+    )
+    gap = max(float((getattr(a, k) - getattr(b, k)).abs().max() / getattr(b, k).abs().max().clamp_min(1e-30))
+              for k in ("refusal_attn", "refusal_mlp", "kl_attn", "kl_mlp"))  # fmt: skip
+    details |= {"model": name, "prefix_tokens": len(shared.prefix) if shared.prefix else 0, "kl_shared": a.scores.kl,
+                "kl_whole": b.scores.kl, "max_relative_gradient_difference": gap}  # fmt: skip
+    return Result("abliterate_gradient_shared_prefix", statistics.median(ratios), 1.15, ratios, details)

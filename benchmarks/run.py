@@ -24,6 +24,7 @@ BENCHMARKS = {
     "selection_speedup": bench_core.selection_speedup,
     "generation_overhead": bench_core.generation_overhead,
     "abliterate_shared_prefix": bench_core.abliterate_shared_prefix,
+    "abliterate_gradient_shared_prefix": bench_core.abliterate_gradient_shared_prefix,
     "streaming_ortho_memory": bench_ortho.streaming_ortho_memory,
 }
 try:
