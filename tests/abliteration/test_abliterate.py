@@ -180,6 +180,20 @@ def test_pick_honours_either_bound_and_explains_when_none_fits():
         pick(front, max_kl=1e-4, max_refusal=None)
 
 
+def test_the_check_includes_the_lowest_kl_point_with_the_fewest_greedy_refusals():
+    """Once refusal is gone under the bound, the pick's tie-break is KL: the lowest-KL point with as few greedy
+    refusals must be generated for, even when its refusal probability ranks it below the others."""
+    from refusal_lens.abliteration.pipeline import _to_check
+
+    def row(argmax: float, mean: float, kl: float) -> dict:
+        return {"refusal_argmax": argmax, "refusal": mean, "kl": kl, "point": {"kl": kl}}
+
+    front = [row(0.0, 0.01, 0.095), row(0.0, 0.02, 0.07), row(0.05, 0.03, 0.05), row(0.4, 0.4, 0.01),
+             row(0.0, 0.001, 0.3)]  # fmt: skip
+    checked = [r["kl"] for r in _to_check(front, 2, max_kl=0.1, max_refusal=None)]
+    assert checked[:2] == [0.095, 0.07]  # the most refusal-free point, then the cheapest one as refusal-free
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
 def test_starting_at_the_first_edited_layer_gives_the_full_forwards_scores(family, tokenizer):
     model = random_model(family, n_layers=4)

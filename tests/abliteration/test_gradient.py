@@ -127,7 +127,7 @@ def test_gradient_search_traces_bounds_and_resumes_without_rescoring(setup, tmp_
     def search(path, budget, recorded):
         ev = Evaluator(model, fmt, HARMFUL[:3], HARMLESS[:3], IDS)
         cfg = SearchConfig(max_evaluations=budget, target_kl=0.05, kl_bounds=(0.5, 4.0), front_bounds=1,
-                           gradient_steps=2, target_steps=3)  # fmt: skip
+                           gradient_steps=2, target_steps=3, settle_steps=2)  # fmt: skip
         s = GradientSearch(ds, ev, Checkpoint(path, {"x": 1}), cfg, False,
                            on_point=recorded.append, gradients=lambda plan: strength_gradients(ev, plan))  # fmt: skip
         return s.run()
@@ -139,6 +139,11 @@ def test_gradient_search_traces_bounds_and_resumes_without_rescoring(setup, tmp_
     assert "gradient:kl<=4" not in phases  # front_bounds=1: only the bound nearest the user's
     # every step scores one new point: the user's bound gets target_steps, the other bound gradient_steps
     assert phases.count("gradient:kl<=0.05") == 3 and phases.count("gradient:kl<=0.5") == 2
+    # then the lowest KL keeping the fewest greedy refusals found under the user's bound
+    under = [r for r in fresh if r["phase"] in ("gradient:kl<=0.05", "line", "direction") and r["kl"] <= 0.05]
+    floor = min(r["refusal_argmax"] for r in under)
+    settle = [r for r in fresh if r["phase"].startswith("gradient:refusal_argmax<=")]
+    assert len(settle) == 2 and settle[0]["phase"] == f"gradient:refusal_argmax<={floor + 1e-9:g}"
     assert any("attn_w" in r["point"] for r in fresh)
     assert len(fresh_new) == len(fresh)
     first: list = []

@@ -173,6 +173,10 @@ class GradientSearch(Search):
             first = self.cfg.target_kl
             if first is not None:
                 self._trace(best, "kl", first, self.cfg.target_steps)
+                under = [r for r in self.order if r["kl"] <= first and Point.from_json(r["point"]).same_direction(best)]
+                if under:  # then the lowest KL with as few greedy refusals as the bound allowed
+                    floor = min(r.get("refusal_argmax", r["refusal"]) for r in under)
+                    self._trace(best, "refusal_argmax", floor + 1e-9, self.cfg.settle_steps)
             # the bounds nearest the user's first: a budget that runs out leaves the front traced around the pick
             bounds = sorted(self.cfg.kl_bounds, key=lambda b: abs(math.log(b / (first or 0.1))))
             bounds = [b for b in bounds if first is None or abs(b - first) > 0.2 * first]
@@ -221,6 +225,8 @@ class GradientSearch(Search):
 
     def _trace(self, base: Point, bounded: str, bound: float, steps: int) -> None:
         def value(r: dict[str, Any], name: str) -> float:
+            if name == "refusal_argmax":  # a bound on the greedy count alone (the mean probability may move)
+                return r.get("refusal_argmax", r["refusal"])
             return greedy_refusal(r) if name == "refusal" else r[name]
 
         other = "refusal" if bounded == "kl" else "kl"
@@ -248,7 +254,8 @@ class GradientSearch(Search):
             norm2 = float(g_bounded @ g_bounded)
             tangent = g_other - (float(g_other @ g_bounded) / norm2) * g_bounded if norm2 > 0 else g_other
             move = -alpha * tangent / tangent.abs().max().clamp_min(1e-12)
-            if norm2 > 0:
+            # a bound on the greedy count has no smooth measure to return to: those steps stay on the level set
+            if norm2 > 0 and bounded != "refusal_argmax":
                 now = max(current[bounded], 1e-12)  # the smooth measure: the gradient is of this one
                 if bounded == "kl":  # KL grows like the square of a small edit: a Newton step on sqrt(KL)
                     back = (math.sqrt(0.9 * bound) - math.sqrt(now)) * 2 * math.sqrt(now) / norm2 * g_bounded

@@ -128,6 +128,10 @@ def _to_check(front: list[dict[str, Any]], k: int, max_kl: float | None, max_ref
         limit = 0.02 if max_kl is None else max_kl
         under = sorted((r for r in front if r["kl"] <= limit), key=greedy_refusal)
     chosen = under[: max(1, k // 2)]
+    if max_refusal is None and under:  # and the lowest-KL point with as few greedy refusals (the pick's tie-break)
+        fewest = min(r.get("refusal_argmax", r["refusal"]) for r in under)
+        lowest = min((r for r in under if r.get("refusal_argmax", r["refusal"]) <= fewest), key=lambda r: r["kl"])
+        chosen += [lowest] if lowest not in chosen else []
     rest = sorted((r for r in front if r not in chosen), key=lambda r: r["kl"])
     # the others spread evenly in log KL (a gradient search leaves many front points close together)
     logs = [math.log(max(r["kl"], 1e-6)) for r in rest]

@@ -186,8 +186,11 @@ class SearchConfig:
     """Gradient search: how many of ``kl_bounds`` are traced, the nearest to the user's bound first."""
     gradient_steps: int = 3
     """Gradient search: steps per bound of ``kl_bounds``."""
-    target_steps: int = 12
+    target_steps: int = 8
     """Gradient search: steps along the user's bound (on SmolLM2 the refusal still fell at the sixth)."""
+    settle_steps: int = 4
+    """Gradient search, --max-kl: then steps that lower KL while keeping the fewest greedy refusals found under the
+    bound (once refusal is gone, the rest of the KL budget buys nothing)."""
     step: float = 0.15
     """Gradient search: largest change of any strength along the front per step (halved when a step fails)."""
 
