@@ -27,7 +27,7 @@ from torch import nn
 from ..core.hooks import site_hooks
 from ..direction.strengths import AblationPlan
 from .objectives import Evaluator, Scores
-from .search import Kernel, Point, Search, greedy_refusal
+from .search import Kernel, Point, Search, greedy_count, greedy_refusal
 
 
 @dataclass
@@ -175,7 +175,7 @@ class GradientSearch(Search):
                 self._trace(best, "kl", first, self.cfg.target_steps)
                 under = [r for r in self.order if r["kl"] <= first and Point.from_json(r["point"]).same_direction(best)]
                 if under:  # then the lowest KL with as few greedy refusals as the bound allowed
-                    floor = min(r.get("refusal_argmax", r["refusal"]) for r in under)
+                    floor = min(greedy_count(r) for r in under)
                     self._trace(best, "refusal_argmax", floor + 1e-9, self.cfg.settle_steps)
             # the bounds nearest the user's first: a budget that runs out leaves the front traced around the pick
             bounds = sorted(self.cfg.kl_bounds, key=lambda b: abs(math.log(b / (first or 0.1))))
@@ -226,7 +226,7 @@ class GradientSearch(Search):
     def _trace(self, base: Point, bounded: str, bound: float, steps: int) -> None:
         def value(r: dict[str, Any], name: str) -> float:
             if name == "refusal_argmax":  # a bound on the greedy count alone (the mean probability may move)
-                return r.get("refusal_argmax", r["refusal"])
+                return greedy_count(r)
             return greedy_refusal(r) if name == "refusal" else r[name]
 
         other = "refusal" if bounded == "kl" else "kl"

@@ -27,7 +27,7 @@ from ..direction.scoring import detect_refusal_tokens
 from ..direction.variants import DirectionSet
 from .gradient import GradientSearch, strength_gradients
 from .objectives import Evaluator, generated_refusals
-from .search import Checkpoint, Point, Search, SearchConfig, greedy_refusal, pareto_front
+from .search import Checkpoint, Point, Search, SearchConfig, greedy_count, greedy_refusal, pareto_front
 
 
 @dataclass
@@ -129,8 +129,8 @@ def _to_check(front: list[dict[str, Any]], k: int, max_kl: float | None, max_ref
         under = sorted((r for r in front if r["kl"] <= limit), key=greedy_refusal)
     chosen = under[: max(1, k // 2)]
     if max_refusal is None and under:  # and the lowest-KL point with as few greedy refusals (the pick's tie-break)
-        fewest = min(r.get("refusal_argmax", r["refusal"]) for r in under)
-        lowest = min((r for r in under if r.get("refusal_argmax", r["refusal"]) <= fewest), key=lambda r: r["kl"])
+        fewest = min(greedy_count(r) for r in under)
+        lowest = min((r for r in under if greedy_count(r) <= fewest), key=lambda r: r["kl"])
         chosen += [lowest] if lowest not in chosen else []
     rest = sorted((r for r in front if r not in chosen), key=lambda r: r["kl"])
     # the others spread evenly in log KL (a gradient search leaves many front points close together)

@@ -108,11 +108,17 @@ def _under_kl(bound: float) -> Callable[[dict[str, Any]], float]:
     return lambda r: r["refusal"] + 100 * max(0.0, r["kl"] - bound) + 1e-3 * r["kl"]
 
 
+def greedy_count(row: dict[str, Any]) -> float:
+    """The fraction of harmful prompts whose most likely first token is a refusal token (older checkpoint rows
+    without it: the mean refusal probability)."""
+    return row.get("refusal_argmax", row["refusal"])
+
+
 def greedy_refusal(row: dict[str, Any]) -> float:
     """The refusal measure the front is traced and checked with: the fraction of harmful prompts whose most likely
     first token is a refusal token (what greedy generation starts with, so it tracks the generated refusal count),
     plus a small share of the mean refusal probability, which breaks its ties and is what the gradients follow."""
-    return row.get("refusal_argmax", row["refusal"]) + 0.05 * row["refusal"]
+    return greedy_count(row) + 0.05 * row["refusal"]
 
 
 def pareto_front(rows: list[dict[str, Any]], refusal_key: str = "refusal") -> list[dict[str, Any]]:
