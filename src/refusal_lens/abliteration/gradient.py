@@ -123,10 +123,10 @@ class _Opening:
             self.kv = [t for pair in ev.prefix.keys_values(ev.model, ev.adapter.n_layers, differentiable=True)
                        for t in pair]  # fmt: skip
             self.leaves = [t.detach().requires_grad_(t.requires_grad) for t in self.kv]
+        self.pairs = list(zip(self.leaves[0::2], self.leaves[1::2], strict=True))  # (keys, values) per layer
 
     def cache_args(self, batch: dict) -> dict:
-        pairs = list(zip(self.leaves[0::2], self.leaves[1::2], strict=True))
-        return self.ev.cache_args(pairs, batch)
+        return self.ev.cache_args(self.pairs, batch)
 
     def backward(self, retain_graph: bool) -> None:
         pending = [(t, leaf.grad) for t, leaf in zip(self.kv, self.leaves, strict=True) if leaf.grad is not None]
