@@ -155,6 +155,28 @@ def test_gradient_search_traces_bounds_and_resumes_without_rescoring(setup, tmp_
     assert {json.dumps(r["point"], sort_keys=True): (r["refusal"], r["kl"]) for r in resumed} == key
 
 
+def test_a_lower_bound_starts_from_the_user_bounds_best_strengths_scaled_down(setup, tmp_path):
+    """The trace at a KL bound below the user's starts from the user's bound's best point (fewest greedy refusals,
+    then lowest KL) with every strength times sqrt(0.9 t / KL), and that start is one of its steps."""
+    model, fmt, ds = setup
+    ev = Evaluator(model, fmt, HARMFUL[:3], HARMLESS[:3], IDS)
+    # (this random model's edits cost little KL: its settled point has KL ~5e-6, so the lower bound is 1e-6)
+    cfg = SearchConfig(max_evaluations=100, target_kl=0.05, kl_bounds=(1e-6,), front_bounds=1,
+                       gradient_steps=2, target_steps=3, settle_steps=1)  # fmt: skip
+    rows = GradientSearch(ds, ev, Checkpoint(tmp_path / "c.jsonl", {"x": 1}), cfg, False,
+                          gradients=lambda plan: strength_gradients(ev, plan)).run()  # fmt: skip
+    lower = [r for r in rows if r["phase"] == "gradient:kl<=1e-06"]
+    before = rows[: rows.index(lower[0])]
+    start = Point.from_json(lower[0]["point"])
+    under = [r for r in before if r["kl"] <= 0.05 and Point.from_json(r["point"]).same_direction(start)]
+    assert under and len(lower) == 2  # the start counts as one of the 2 steps
+    shape = min(under, key=lambda r: (r["refusal_argmax"], r["kl"]))
+    attn, mlp = Point.from_json(shape["point"]).strengths(3)
+    expected = (torch.cat([attn, mlp]) * (0.9e-6 / shape["kl"]) ** 0.5).clamp(0, 1.5)
+    assert list(start.attn_w + start.mlp_w) == pytest.approx(expected.tolist(), abs=1e-4)
+    assert lower[0]["kl"] == pytest.approx(0.9e-6, rel=0.5)  # KL ∝ strength² holds roughly for small edits
+
+
 def test_greedy_front_ranks_by_the_argmax_refusal_then_the_probability():
     from refusal_lens.abliteration.search import pareto_front
 

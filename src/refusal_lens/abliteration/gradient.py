@@ -136,6 +136,16 @@ class _Opening:
             leaf.grad = None
 
 
+def _scaled(row: dict[str, Any], bound: float, n_layers: int) -> Point:
+    """``row``'s strengths times ``sqrt(0.9·bound / KL)``: its KL moved near ``0.9·bound``."""
+    point = Point.from_json(row["point"])
+    factor = math.sqrt(0.9 * bound / max(row["kl"], 1e-12))
+    attn, mlp = point.strengths(n_layers)
+    values = [round(float(v), 4) for v in (torch.cat([attn, mlp]) * factor).clamp(0.0, 1.5)]
+    return replace(point, attn=Kernel(0.0, 0.0, 0.0, 0.0), mlp=Kernel(0.0, 0.0, 0.0, 0.0),
+                   attn_w=tuple(values[: len(attn)]), mlp_w=tuple(values[len(attn) :]))  # fmt: skip
+
+
 def _take(leaf: torch.Tensor) -> torch.Tensor:
     g = torch.zeros(leaf.shape, dtype=torch.float64) if leaf.grad is None else leaf.grad.double().clone()
     leaf.grad = None
@@ -170,18 +180,21 @@ class GradientSearch(Search):
             self._all(line, "line")
             if self.cfg.target_refusal is not None:
                 self._trace(best, "refusal", self.cfg.target_refusal, self.cfg.target_steps)
-            first = self.cfg.target_kl
+            first, shape = self.cfg.target_kl, None
             if first is not None:
                 self._trace(best, "kl", first, self.cfg.target_steps)
-                under = [r for r in self.order if r["kl"] <= first and Point.from_json(r["point"]).same_direction(best)]
-                if under:  # then the lowest KL with as few greedy refusals as the bound allowed
-                    floor = min(greedy_count(r) for r in under)
-                    self._trace(best, "refusal_argmax", floor + 1e-9, self.cfg.settle_steps)
+                shape = self._best_under(best, first)
+                if shape is not None:  # then the lowest KL with as few greedy refusals as the bound allowed
+                    self._trace(best, "refusal_argmax", greedy_count(shape) + 1e-9, self.cfg.settle_steps)
+                    shape = self._best_under(best, first)
             # the bounds nearest the user's first: a budget that runs out leaves the front traced around the pick
             bounds = sorted(self.cfg.kl_bounds, key=lambda b: abs(math.log(b / (first or 0.1))))
             bounds = [b for b in bounds if first is None or abs(b - first) > 0.2 * first]
             for bound in bounds[: self.cfg.front_bounds]:
-                self._trace(best, "kl", bound, self.cfg.gradient_steps)
+                # a lower bound starts from the user's bound's best strengths scaled down (KL ∝ strength², for
+                # small edits): on SmolLM2 that shape keeps removing refusal where uniform strengths do not
+                start = _scaled(shape, bound, L) if shape is not None and bound < shape["kl"] else None
+                self._trace(best, "kl", bound, self.cfg.gradient_steps, start)
         self.bar.close()
         return list(self.checkpoint.rows.values())
 
@@ -223,7 +236,12 @@ class GradientSearch(Search):
         self.grads[key] = g
         return row, g
 
-    def _trace(self, base: Point, bounded: str, bound: float, steps: int) -> None:
+    def _best_under(self, base: Point, bound: float) -> dict[str, Any] | None:
+        """This run's fewest greedy refusals with KL at most ``bound`` (then the lowest KL), in ``base``'s direction."""
+        under = [r for r in self.order if r["kl"] <= bound and Point.from_json(r["point"]).same_direction(base)]
+        return min(under, key=lambda r: (greedy_count(r), r["kl"])) if under else None
+
+    def _trace(self, base: Point, bounded: str, bound: float, steps: int, start: Point | None = None) -> None:
         def value(r: dict[str, Any], name: str) -> float:
             if name == "refusal_argmax":  # a bound on the greedy count alone (the mean probability may move)
                 return greedy_count(r)
@@ -239,9 +257,12 @@ class GradientSearch(Search):
         rows = [r for r in self.order if Point.from_json(r["point"]).same_direction(base)]
         if not rows:
             return
+        name = f"gradient:{bounded}<={bound:g}"
+        if start is not None and steps > 0:  # a suggested start costs one of the steps
+            row, _ = self._gradient_point(start, name)
+            rows, steps = rows + ([row] if row is not None else []), steps - 1
         current = min(rows, key=badness)
         alpha = self.cfg.step
-        name = f"gradient:{bounded}<={bound:g}"
         for _ in range(steps):
             point = Point.from_json(current["point"])
             row, g = self._gradient_point(point, name)

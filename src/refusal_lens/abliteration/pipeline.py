@@ -132,6 +132,9 @@ def _to_check(front: list[dict[str, Any]], k: int, max_kl: float | None, max_ref
         fewest = min(greedy_count(r) for r in under)
         lowest = min((r for r in under if greedy_count(r) <= fewest), key=lambda r: r["kl"])
         chosen += [lowest] if lowest not in chosen else []
+    lower = [r for r in front if max_kl is not None and r["kl"] <= 0.6 * max_kl and r not in chosen]
+    if lower and len(chosen) < k:  # what 40 % less KL costs in refusal: the best point there
+        chosen.append(min(lower, key=lambda r: (greedy_count(r), r["kl"])))
     rest = sorted((r for r in front if r not in chosen), key=lambda r: r["kl"])
     # the others spread evenly in log KL (a gradient search leaves many front points close together)
     logs = [math.log(max(r["kl"], 1e-6)) for r in rest]
