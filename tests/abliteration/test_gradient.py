@@ -157,7 +157,7 @@ def test_gradient_search_traces_bounds_and_resumes_without_rescoring(setup, tmp_
 
 def test_a_lower_bound_starts_from_the_user_bounds_best_strengths_scaled_down(setup, tmp_path):
     """The trace at a KL bound below the user's starts from the user's bound's best point (fewest greedy refusals,
-    then lowest KL) with every strength times sqrt(0.9 t / KL), and that start is one of its steps."""
+    then lowest KL) with every strength times 0.9 t / KL, and that start is one of its steps."""
     model, fmt, ds = setup
     ev = Evaluator(model, fmt, HARMFUL[:3], HARMLESS[:3], IDS)
     # (this random model's edits cost little KL: its settled point has KL ~5e-6, so the lower bound is 1e-6)
@@ -172,9 +172,9 @@ def test_a_lower_bound_starts_from_the_user_bounds_best_strengths_scaled_down(se
     assert under and len(lower) == 2  # the start counts as one of the 2 steps
     shape = min(under, key=lambda r: (r["refusal_argmax"], r["kl"]))
     attn, mlp = Point.from_json(shape["point"]).strengths(3)
-    expected = (torch.cat([attn, mlp]) * (0.9e-6 / shape["kl"]) ** 0.5).clamp(0, 1.5)
+    expected = (torch.cat([attn, mlp]) * 0.9e-6 / shape["kl"]).clamp(0, 1.5)
     assert list(start.attn_w + start.mlp_w) == pytest.approx(expected.tolist(), abs=1e-4)
-    assert lower[0]["kl"] == pytest.approx(0.9e-6, rel=0.5)  # KL ∝ strength² holds roughly for small edits
+    assert lower[0]["kl"] <= 1e-6  # KL falls at least linearly with the strengths: the start is under the bound
 
 
 def test_greedy_front_ranks_by_the_argmax_refusal_then_the_probability():

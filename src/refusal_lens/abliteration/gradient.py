@@ -137,9 +137,11 @@ class _Opening:
 
 
 def _scaled(row: dict[str, Any], bound: float, n_layers: int) -> Point:
-    """``row``'s strengths times ``sqrt(0.9·bound / KL)``: its KL moved near ``0.9·bound``."""
+    """``row``'s strengths times ``0.9·bound / KL``: its KL moved under ``bound``. KL grows like the square of a
+    small edit, but at a front point's strengths on SmolLM2 it fell like strength^1.2–1.3 (a square-root scale
+    overshot 0.054 to 0.062 and 0.069), so the scale is linear: a start a little under the bound."""
     point = Point.from_json(row["point"])
-    factor = math.sqrt(0.9 * bound / max(row["kl"], 1e-12))
+    factor = 0.9 * bound / max(row["kl"], 1e-12)
     attn, mlp = point.strengths(n_layers)
     values = [round(float(v), 4) for v in (torch.cat([attn, mlp]) * factor).clamp(0.0, 1.5)]
     return replace(point, attn=Kernel(0.0, 0.0, 0.0, 0.0), mlp=Kernel(0.0, 0.0, 0.0, 0.0),
@@ -191,8 +193,9 @@ class GradientSearch(Search):
             bounds = sorted(self.cfg.kl_bounds, key=lambda b: abs(math.log(b / (first or 0.1))))
             bounds = [b for b in bounds if first is None or abs(b - first) > 0.2 * first]
             for bound in bounds[: self.cfg.front_bounds]:
-                # a lower bound starts from the user's bound's best strengths scaled down (KL ∝ strength², for
-                # small edits): on SmolLM2 that shape keeps removing refusal where uniform strengths do not
+                # a lower bound starts from the user's bound's best strengths scaled down: on SmolLM2 that shape
+                # keeps removing refusal where uniform strengths do not (3 of 39 greedy refusals at KL 0.062 against
+                # 8 at 0.056 after three steps from uniform strengths)
                 start = _scaled(shape, bound, L) if shape is not None and bound < shape["kl"] else None
                 self._trace(best, "kl", bound, self.cfg.gradient_steps, start)
         self.bar.close()
@@ -258,10 +261,10 @@ class GradientSearch(Search):
         if not rows:
             return
         name = f"gradient:{bounded}<={bound:g}"
-        if start is not None and steps > 0:  # a suggested start costs one of the steps
-            row, _ = self._gradient_point(start, name)
-            rows, steps = rows + ([row] if row is not None else []), steps - 1
         current = min(rows, key=badness)
+        if start is not None and steps > 0:  # a suggested start costs one of the steps; the trace leaves from it
+            row, _ = self._gradient_point(start, name)  # even a little over the bound: the first step returns
+            current, steps = row if row is not None else current, steps - 1
         alpha = self.cfg.step
         for _ in range(steps):
             point = Point.from_json(current["point"])
