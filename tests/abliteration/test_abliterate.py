@@ -194,17 +194,20 @@ def test_the_check_includes_the_lowest_kl_point_with_the_fewest_greedy_refusals(
     assert checked[:2] == [0.095, 0.07]  # the most refusal-free point, then the cheapest one as refusal-free
 
 
-def test_the_check_includes_the_best_point_at_six_tenths_of_the_kl_bound():
-    """Beside the pick, a user wants to know what less KL costs: the fewest greedy refusals with KL <= 0.6 t is
-    generated for, not only the spread's ends."""
+def test_the_check_includes_the_best_points_under_the_near_bounds():
+    """Beside the pick, a user wants to know what less KL costs: the fewest greedy refusals with KL <= 0.8 t and
+    <= 0.6 t are generated for, not only the spread's ends."""
     from refusal_lens.abliteration.pipeline import _to_check
 
     def row(argmax: float, kl: float) -> dict:
         return {"refusal_argmax": argmax, "refusal": argmax, "kl": kl, "point": {"kl": kl}}
 
     front = [row(0.0, 0.095), row(0.05, 0.08), row(0.1, 0.058), row(0.2, 0.04), row(0.5, 0.01), row(0.0, 0.3)]
-    checked = sorted(r["kl"] for r in _to_check(front, 4, max_kl=0.1, max_refusal=None))
+    checked = sorted(r["kl"] for r in _to_check(front, 4, max_kl=0.1, max_refusal=None, near=(0.6, 0.8)))
     assert checked == [0.01, 0.058, 0.08, 0.095]
+    front[1] = row(0.05, 0.085)  # above 0.8 t: the next best under 0.8 t, then the second best under t
+    checked = sorted(r["kl"] for r in _to_check(front, 4, max_kl=0.1, max_refusal=None, near=(0.6, 0.8)))
+    assert checked == [0.04, 0.058, 0.085, 0.095]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2_moe"])

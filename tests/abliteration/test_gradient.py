@@ -139,6 +139,9 @@ def test_gradient_search_traces_bounds_and_resumes_without_rescoring(setup, tmp_
     assert "gradient:kl<=4" not in phases  # front_bounds=1: only the bound nearest the user's
     # every step scores one new point: the user's bound gets target_steps, the other bound gradient_steps
     assert phases.count("gradient:kl<=0.05") == 3 and phases.count("gradient:kl<=0.5") == 2
+    # and right after the user's bound, 0.6 and 0.8 of it (near_bounds), before the fixed ones
+    traced = [p for p in dict.fromkeys(phases) if p.startswith("gradient:kl")]
+    assert traced == ["gradient:kl<=0.05", "gradient:kl<=0.03", "gradient:kl<=0.04", "gradient:kl<=0.5"]
     # then the lowest KL keeping the fewest greedy refusals found under the user's bound
     under = [r for r in fresh if r["phase"] in ("gradient:kl<=0.05", "line", "direction") and r["kl"] <= 0.05]
     floor = min(r["refusal_argmax"] for r in under)

@@ -156,7 +156,8 @@ def _take(leaf: torch.Tensor) -> torch.Tensor:
 
 class GradientSearch(Search):
     """The front traced with gradients: a direction scan, a line of uniform strengths, then for each KL bound
-    (the user's first, with the most steps; then the ``front_bounds`` nearest of ``kl_bounds``) a few steps that
+    (the user's first, with the most steps; then ``near_bounds`` of it and the ``front_bounds`` nearest of
+    ``kl_bounds``) a few steps that
     lower refusal along the bound with a free strength per layer and write.
 
     A step moves the strengths ``θ`` (attention and MLP of every layer, in ``[0, 1.5]``) by
@@ -189,10 +190,12 @@ class GradientSearch(Search):
                 if shape is not None:  # then the lowest KL with as few greedy refusals as the bound allowed
                     self._trace(best, "refusal_argmax", greedy_count(shape) + 1e-9, self.cfg.settle_steps)
                     shape = self._best_under(best, first)
-            # the bounds nearest the user's first: a budget that runs out leaves the front traced around the pick
+            # just under the user's bound (where heretic's picks sat on SmolLM2), then the fixed bounds nearest it:
+            # a budget that runs out leaves the front traced around the pick
+            near = [f * first for f in self.cfg.near_bounds] if first is not None else []
             bounds = sorted(self.cfg.kl_bounds, key=lambda b: abs(math.log(b / (first or 0.1))))
-            bounds = [b for b in bounds if first is None or abs(b - first) > 0.2 * first]
-            for bound in bounds[: self.cfg.front_bounds]:
+            bounds = [b for b in bounds if all(abs(b - t) > 0.2 * t for t in [first or 0.0, *near] if t > 0)]
+            for bound in near + bounds[: self.cfg.front_bounds]:
                 # a lower bound starts from the user's bound's best strengths scaled down: on SmolLM2 that shape
                 # keeps removing refusal where uniform strengths do not (3 of 39 greedy refusals at KL 0.062 against
                 # 8 at 0.056 after three steps from uniform strengths)

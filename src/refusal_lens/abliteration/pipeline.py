@@ -120,21 +120,26 @@ def pick(front: list[dict[str, Any]], max_kl: float | None, max_refusal: float |
     return min(ok, key=lambda r: (r["refusal_generated"], r["kl"]))
 
 
-def _to_check(front: list[dict[str, Any]], k: int, max_kl: float | None, max_refusal: float | None) -> list[dict]:
-    """Front points worth generating for: the best few under the user's bound, then a spread of the rest."""
+def _to_check(
+    front: list[dict[str, Any]], k: int, max_kl: float | None, max_refusal: float | None, near: tuple[float, ...] = ()
+) -> list[dict]:
+    """Front points worth generating for: the best under the user's bound, the lowest-KL one as refusal-free, the
+    best under each ``near × max_kl``, more of the best under the bound, then a spread of the rest."""
     if max_refusal is not None:
         under = sorted((r for r in front if greedy_refusal(r) <= 1.5 * max_refusal + 0.02), key=lambda r: r["kl"])
     else:
         limit = 0.02 if max_kl is None else max_kl
         under = sorted((r for r in front if r["kl"] <= limit), key=greedy_refusal)
-    chosen = under[: max(1, k // 2)]
+    chosen = under[:1]
     if max_refusal is None and under:  # and the lowest-KL point with as few greedy refusals (the pick's tie-break)
         fewest = min(greedy_count(r) for r in under)
         lowest = min((r for r in under if greedy_count(r) <= fewest), key=lambda r: r["kl"])
         chosen += [lowest] if lowest not in chosen else []
-    lower = [r for r in front if max_kl is not None and r["kl"] <= 0.6 * max_kl and r not in chosen]
-    if lower and len(chosen) < k:  # what 40 % less KL costs in refusal: the best point there
-        chosen.append(min(lower, key=lambda r: (greedy_count(r), r["kl"])))
+    for fraction in near if max_kl is not None and max_refusal is None else ():
+        lower = [r for r in front if r["kl"] <= fraction * max_kl and r not in chosen]
+        if lower and len(chosen) < k:  # what less KL costs in refusal: the best point there
+            chosen.append(min(lower, key=lambda r: (greedy_count(r), r["kl"])))
+    chosen += [r for r in under[1 : max(1, k // 2)] if r not in chosen][: max(0, k - len(chosen))]
     rest = sorted((r for r in front if r not in chosen), key=lambda r: r["kl"])
     # the others spread evenly in log KL (a gradient search leaves many front points close together)
     logs = [math.log(max(r["kl"], 1e-6)) for r in rest]
@@ -211,7 +216,7 @@ def abliterate(
     front = pareto_front(rows, "greedy")  # the generated refusal count follows the greedy first token
     checked = []
     base_n, _ = generated_refusals(model, tokenizer, fmt, hf_search, None, cfg.check_tokens, cfg.batch_size)
-    to_check = _to_check(front, cfg.check_points, max_kl, max_refusal)
+    to_check = _to_check(front, cfg.check_points, max_kl, max_refusal, search_cfg.near_bounds)
     for row in progress_bar(to_check, desc="check front", disable=not progress):
         plan = Point.from_json(row["point"]).plan(directions)
         n, _ = generated_refusals(

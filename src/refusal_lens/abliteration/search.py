@@ -188,8 +188,12 @@ class SearchConfig:
     neighbours, its projected form and the per-layer directions)."""
     kl_bounds: tuple[float, ...] = (0.01, 0.03, 0.06, 0.2, 0.5, 1.0)
     """Gradient search: after the user's bound, trace the front at these KL bounds (fewest refusals under each)."""
-    front_bounds: int = 4
-    """Gradient search: how many of ``kl_bounds`` are traced, the nearest to the user's bound first."""
+    near_bounds: tuple[float, ...] = (0.6, 0.8)
+    """Gradient search, --max-kl t: the bounds t × these are traced right after t (from its best strengths scaled
+    down), where a user who wants less KL looks first (heretic's picks sat at 0.6t and 0.8t on SmolLM2)."""
+    front_bounds: int = 3
+    """Gradient search: how many of ``kl_bounds`` are traced, the nearest to the user's bound first (those within
+    20 % of a bound traced before are skipped)."""
     gradient_steps: int = 3
     """Gradient search: steps per bound of ``kl_bounds``."""
     target_steps: int = 8
