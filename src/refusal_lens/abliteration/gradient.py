@@ -157,8 +157,7 @@ def _take(leaf: torch.Tensor) -> torch.Tensor:
 class GradientSearch(Search):
     """The front traced with gradients: a direction scan, a line of uniform strengths, then for each KL bound
     (the user's first, with the most steps; then ``near_bounds`` of it and the ``front_bounds`` nearest of
-    ``kl_bounds``) a few steps that
-    lower refusal along the bound with a free strength per layer and write.
+    ``kl_bounds``) a few steps that lower refusal along the bound with a free strength per layer and write.
 
     A step moves the strengths ``θ`` (attention and MLP of every layer, in ``[0, 1.5]``) by
     ``−α·P∇R/‖P∇R‖∞`` (steepest descent of the refusal within the KL level set, ``P`` removing the ``∇KL``
