@@ -27,7 +27,7 @@ from torch import nn
 from ..core.hooks import site_hooks
 from ..direction.strengths import AblationPlan
 from .objectives import Evaluator, Scores
-from .search import Kernel, Point, Search, greedy_count, greedy_refusal
+from .search import Kernel, Point, Search, fewest_greedy, greedy_count, greedy_refusal
 
 
 @dataclass
@@ -141,11 +141,17 @@ def _scaled(row: dict[str, Any], bound: float, n_layers: int) -> Point:
     small edit, but at a front point's strengths on SmolLM2 it fell like strength^1.2–1.3 (a square-root scale
     overshot 0.054 to 0.062 and 0.069), so the scale is linear: a start a little under the bound."""
     point = Point.from_json(row["point"])
-    factor = 0.9 * bound / max(row["kl"], 1e-12)
     attn, mlp = point.strengths(n_layers)
-    values = [round(float(v), 4) for v in (torch.cat([attn, mlp]) * factor).clamp(0.0, 1.5)]
+    return _free(point, torch.cat([attn, mlp]) * (0.9 * bound / max(row["kl"], 1e-12)))
+
+
+def _free(point: Point, theta: torch.Tensor) -> Point:
+    """``point``'s direction with a free strength per layer and write: ``theta`` = attention then MLP strengths,
+    clipped to ``[0, 1.5]`` and rounded (the checkpoint key)."""
+    values = [round(float(v), 4) for v in theta.clamp(0.0, 1.5)]
+    n = len(values) // 2
     return replace(point, attn=Kernel(0.0, 0.0, 0.0, 0.0), mlp=Kernel(0.0, 0.0, 0.0, 0.0),
-                   attn_w=tuple(values[: len(attn)]), mlp_w=tuple(values[len(attn) :]))  # fmt: skip
+                   attn_w=tuple(values[:n]), mlp_w=tuple(values[n:]))  # fmt: skip
 
 
 def _take(leaf: torch.Tensor) -> torch.Tensor:
@@ -244,7 +250,7 @@ class GradientSearch(Search):
     def _best_under(self, base: Point, bound: float) -> dict[str, Any] | None:
         """This run's fewest greedy refusals with KL at most ``bound`` (then the lowest KL), in ``base``'s direction."""
         under = [r for r in self.order if r["kl"] <= bound and Point.from_json(r["point"]).same_direction(base)]
-        return min(under, key=lambda r: (greedy_count(r), r["kl"])) if under else None
+        return fewest_greedy(under)
 
     def _trace(self, base: Point, bounded: str, bound: float, steps: int, start: Point | None = None) -> None:
         def value(r: dict[str, Any], name: str) -> float:
@@ -288,11 +294,7 @@ class GradientSearch(Search):
                 else:
                     back = (bound - now) / norm2 * g_bounded
                 move = move + back / max(1.0, float(back.abs().max()) / 0.5)  # at most 0.5 per strength
-            theta = (theta + move).clamp(0.0, 1.5)
-            values = [round(float(v), 4) for v in theta]
-            moved = replace(point, attn=Kernel(0.0, 0.0, 0.0, 0.0), mlp=Kernel(0.0, 0.0, 0.0, 0.0),
-                            attn_w=tuple(values[: self.L]), mlp_w=tuple(values[self.L :]))  # fmt: skip
-            new, _ = self._gradient_point(moved, name)
+            new, _ = self._gradient_point(_free(point, theta + move), name)
             if new is None:
                 return
             if badness(new) < badness(current) - 1e-9:

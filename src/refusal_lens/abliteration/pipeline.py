@@ -27,7 +27,7 @@ from ..direction.scoring import detect_refusal_tokens
 from ..direction.variants import DirectionSet
 from .gradient import GradientSearch, strength_gradients
 from .objectives import Evaluator, generated_refusals
-from .search import Checkpoint, Point, Search, SearchConfig, greedy_count, greedy_refusal, pareto_front
+from .search import Checkpoint, Point, Search, SearchConfig, fewest_greedy, greedy_refusal, pareto_front
 
 
 @dataclass
@@ -132,13 +132,12 @@ def _to_check(
         under = sorted((r for r in front if r["kl"] <= limit), key=greedy_refusal)
     chosen = under[:1]
     if max_refusal is None and under:  # and the lowest-KL point with as few greedy refusals (the pick's tie-break)
-        fewest = min(greedy_count(r) for r in under)
-        lowest = min((r for r in under if greedy_count(r) <= fewest), key=lambda r: r["kl"])
+        lowest = fewest_greedy(under)
         chosen += [lowest] if lowest not in chosen else []
     for fraction in near if max_kl is not None and max_refusal is None else ():
-        lower = [r for r in front if r["kl"] <= fraction * max_kl and r not in chosen]
-        if lower and len(chosen) < k:  # what less KL costs in refusal: the best point there
-            chosen.append(min(lower, key=lambda r: (greedy_count(r), r["kl"])))
+        lower = fewest_greedy(r for r in front if r["kl"] <= fraction * max_kl and r not in chosen)
+        if lower is not None and len(chosen) < k:  # what less KL costs in refusal: the best point there
+            chosen.append(lower)
     chosen += [r for r in under[1 : max(1, k // 2)] if r not in chosen][: max(0, k - len(chosen))]
     rest = sorted((r for r in front if r not in chosen), key=lambda r: r["kl"])
     # the others spread evenly in log KL (a gradient search leaves many front points close together)

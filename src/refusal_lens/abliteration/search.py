@@ -114,6 +114,11 @@ def greedy_count(row: dict[str, Any]) -> float:
     return row.get("refusal_argmax", row["refusal"])
 
 
+def fewest_greedy(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row with the fewest greedy refusals (:func:`greedy_count`), then the lowest KL; ``None`` if empty."""
+    return min(rows, key=lambda r: (greedy_count(r), r["kl"]), default=None)
+
+
 def greedy_refusal(row: dict[str, Any]) -> float:
     """The refusal measure the front is traced and checked with: the fraction of harmful prompts whose most likely
     first token is a refusal token (what greedy generation starts with, so it tracks the generated refusal count),
