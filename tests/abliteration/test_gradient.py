@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from refusal_lens.abliteration.gradient import GradientSearch, strength_gradients
-from refusal_lens.abliteration.objectives import Evaluator
+from refusal_lens.abliteration.objectives import Evaluator, Scores
 from refusal_lens.abliteration.search import Checkpoint, Kernel, Point, SearchConfig
 from refusal_lens.core.prompts import ChatFormatter
 from refusal_lens.direction.strengths import AblationPlan, weighted_ablation
@@ -135,7 +135,7 @@ def test_gradient_search_traces_bounds_and_resumes_without_rescoring(setup, tmp_
     fresh_new: list = []
     fresh = search(tmp_path / "a.jsonl", 100, fresh_new)
     phases = [r["phase"] for r in fresh]
-    assert "gradient:kl<=0.05" in phases and "gradient:kl<=0.5" in phases and "line" in phases
+    assert "gradient:kl<=0.05" in phases and "gradient:kl<=0.5" in phases
     assert "gradient:kl<=4" not in phases  # front_bounds=1: only the bound nearest the user's
     # every step scores one new point: the user's bound gets target_steps, the other bound gradient_steps
     assert phases.count("gradient:kl<=0.05") == 3 and phases.count("gradient:kl<=0.5") == 2
@@ -187,3 +187,47 @@ def test_greedy_front_ranks_by_the_argmax_refusal_then_the_probability():
     rows = [{"refusal": m, "refusal_argmax": a, "kl": k, "i": i} for i, (m, a, k) in enumerate(values)]
     assert [r["i"] for r in pareto_front(rows, "greedy")] == [0, 1, 2]  # 3 has the lowest mean but a worse argmax
     assert [r["i"] for r in pareto_front(rows)] == [0, 1, 3]
+
+
+def test_the_traced_direction_is_the_one_with_fewest_greedy_refusals_at_the_users_kl_bound(tmp_path):
+    """A planted answer: the gentlest direction that removes all refusal at full strength (global 2) leaves more
+    refusal at KL 0.1 than the per-layer projected directions, which leave 30 % at full strength. Each candidate
+    is scored at the uniform strength (t / KL_full)^(1/1.3), and the per-layer projected directions win."""
+    gen = torch.Generator().manual_seed(0)
+    ds = DirectionSet(torch.randn(5, 8, generator=gen, dtype=torch.float64), torch.randn(5, 8, generator=gen))
+    # direction -> (KL at full strength, greedy refusal at uniform strength s); KL = KL_full · s^1.3
+    planted = {
+        (1.0, "global", False): (0.05, lambda s: 1.0),
+        (2.0, "global", False): (0.2, lambda s: max(0.0, 1 - s)),
+        (3.0, "global", False): (1.0, lambda s: max(0.0, 1 - s)),
+        (2.0, "global", True): (0.6, lambda s: max(0.0, 1 - s)),
+        (2.0, "per_layer", False): (0.3, lambda s: 0.9),
+        (2.0, "per_layer", True): (0.25, lambda s: 0.3 + 0.7 * max(0.0, 1 - 2 * s)),
+    }
+    units = {key: ds.plan_directions(*key)[0] for key in planted}
+
+    def evaluate(plan: AblationPlan) -> Scores:
+        key = next(k for k, u in units.items() if torch.allclose(u, plan.directions))
+        s = float(plan.attn.mean())
+        kl_full, greedy = planted[key]
+        return Scores(greedy(s), greedy(s), kl_full * s**1.3)
+
+    cfg = SearchConfig(target_kl=0.1, scan_indices=3)
+    search = GradientSearch(ds, evaluate, Checkpoint(tmp_path / "p.jsonl", {"x": 1}), cfg, False, gradients=None)
+    chosen = search._choose(search._scan())
+    assert (chosen.index, chosen.scope, chosen.projected) == (2.0, "per_layer", True)
+    probes = {(r["point"]["index"], r["point"]["scope"], r["point"]["projected"]): r for r in search.order
+              if r["phase"] == "line"}  # fmt: skip
+    # the gentlest removing direction and the next two gentlest leaving at most half the prompts refusing
+    assert set(probes) == {(2.0, "global", False), (2.0, "per_layer", True), (2.0, "global", True)}
+    for key, row in probes.items():
+        strength = (0.1 / planted[key][0]) ** (1 / 1.3)
+        assert row["point"]["attn"]["max_weight"] == pytest.approx(strength, abs=1e-5)
+        assert row["kl"] == pytest.approx(0.1, rel=1e-4)  # each probe costs the bound
+    assert probes[(2.0, "per_layer", True)]["refusal_argmax"] < probes[(2.0, "global", False)]["refusal_argmax"]
+    # without a KL bound (--max-refusal), the gentlest removing direction, scaled along a line
+    plain = GradientSearch(ds, evaluate, Checkpoint(tmp_path / "q.jsonl", {"x": 1}),
+                           SearchConfig(target_refusal=0.1, scan_indices=3), False, gradients=None)  # fmt: skip
+    point = plain._choose(plain._scan())
+    assert (point.index, point.scope, point.projected) == (2.0, "global", False)
+    assert [r["point"]["attn"]["max_weight"] for r in plain.order if r["phase"] == "line"] == [0.25, 0.5, 0.75]

@@ -161,7 +161,8 @@ def _take(leaf: torch.Tensor) -> torch.Tensor:
 
 
 class GradientSearch(Search):
-    """The front traced with gradients: a direction scan, a line of uniform strengths, then for each KL bound
+    """The front traced with gradients: a direction scan, the candidates' uniform strengths at the user's bound
+    (:meth:`_choose`: the direction traced), then for each KL bound
     (the user's first, with the most steps; then ``near_bounds`` of it and the ``front_bounds`` nearest of
     ``kl_bounds``) a few steps that lower refusal along the bound with a free strength per layer and write.
 
@@ -180,12 +181,9 @@ class GradientSearch(Search):
         self.grads: dict[str, Gradients] = {}
 
     def run(self) -> list[dict[str, Any]]:
-        best = self._scan()
+        best = self._choose(self._scan())
         if best is not None:
             L = self.L
-            line = [replace(best, attn=Kernel(s, (L - 1) / 2, float(L), s), mlp=Kernel(s, (L - 1) / 2, float(L), s))
-                    for s in (0.25, 0.5, 0.75)]  # fmt: skip
-            self._all(line, "line")
             if self.cfg.target_refusal is not None:
                 self._trace(best, "refusal", self.cfg.target_refusal, self.cfg.target_steps)
             first, shape = self.cfg.target_kl, None
@@ -209,26 +207,57 @@ class GradientSearch(Search):
         self.bar.close()
         return list(self.checkpoint.rows.values())
 
-    def _scan(self) -> Point | None:
+    def _scan(self) -> list[dict[str, Any]]:
+        """Full ablation (strength 1 everywhere) with directions spread over depth, then the best one's neighbours,
+        its projected form and the per-layer directions (plain and projected)."""
         L = self.L
         full = Kernel(1.0, (L - 1) / 2, float(L), 1.0)
         n = max(1, min(L - 1, self.cfg.scan_indices))
         indices = sorted({round(1 + i * (L - 2) / max(n - 1, 1)) for i in range(n)}) if L > 2 else [1]
         rows = self._all([Point(float(i), "global", False, full, full) for i in indices], "direction")
         if not rows:
-            return None
+            return []
         top = Point.from_json(min(rows, key=lambda r: (greedy_refusal(r), r["kl"]))["point"])
         half = (indices[1] - indices[0]) // 2 if len(indices) > 1 else 0
         more = [replace(top, index=min(max(top.index + s * half, 1.0), L - 1.0)) for s in (-1, 1) if half]
         more += [replace(top, projected=True), Point(float(L // 2), "per_layer", False, full, full),
                  Point(float(L // 2), "per_layer", True, full, full)]  # fmt: skip
-        rows += self._all(more, "direction")
-        # of the directions whose full ablation removes refusal (nearly as well as the best), the gentlest one:
-        # the front is traced by scaling it down, and a direction that costs less KL at full strength costs less
-        # at every strength (on SmolLM2 the deepest removing directions cost a quarter of the KL of the first)
+        return rows + self._all(more, "direction")
+
+    def _choose(self, rows: list[dict[str, Any]]) -> Point | None:
+        """The direction the front is traced in, with its first points (phase "line").
+
+        Of the directions whose full ablation removes refusal (nearly as well as the best), the gentlest: the
+        front is traced by scaling it down, and a direction that costs less KL at full strength costs less at
+        most strengths (on SmolLM2 the deepest removing directions cost a quarter of the KL of the first). With
+        a KL bound ``t`` that one and the next gentlest ones that leave at most half the prompts refusing are
+        each scored at the uniform strength that should cost ``t`` (KL rose like strength^1.3 there), and the
+        fewest greedy refusals at that strength wins: full ablation misjudges a direction that the bound needs
+        only part of (on SmolLM2 the per-layer projected directions left 8 of 39 greedy refusals at full
+        strength, against none for the gentlest; at the bound they left 14 against 27, and 3 against 4 after
+        the trace's steps). Without a KL bound, the gentlest one at strengths 0.25, 0.5 and 0.75."""
+        if not rows:
+            return None
         least = min(greedy_refusal(r) for r in rows)
         removing = [r for r in rows if greedy_refusal(r) <= 2 * least + 0.05]
-        return Point.from_json(min(removing, key=lambda r: (r["kl"], greedy_refusal(r)))["point"])
+        gentlest = min(removing, key=lambda r: (r["kl"], greedy_refusal(r)))
+        best, t = Point.from_json(gentlest["point"]), self.cfg.target_kl
+        if t is None:
+            self._all([replace(best, attn=self._uniform(s), mlp=self._uniform(s)) for s in (0.25, 0.5, 0.75)], "line")
+            return best
+        others = sorted((r for r in rows if r is not gentlest and greedy_refusal(r) <= 0.5), key=lambda r: r["kl"])
+        probes = []
+        for r in [gentlest, *others[: self.cfg.probe_directions - 1]]:
+            s = min(1.0, (t / max(r["kl"], 1e-12)) ** (1 / 1.3))
+            point = Point.from_json(r["point"])
+            probes += self._all([replace(point, attn=self._uniform(s), mlp=self._uniform(s))], "line")
+        if not probes:
+            return best
+        fits = [r for r in probes if r["kl"] <= 1.5 * t] or [min(probes, key=lambda r: r["kl"])]
+        return Point.from_json(min(fits, key=lambda r: (greedy_refusal(r), r["kl"]))["point"])
+
+    def _uniform(self, strength: float) -> Kernel:
+        return Kernel(strength, (self.L - 1) / 2, float(self.L), strength)
 
     def _gradient_point(self, point: Point, phase: str) -> tuple[dict[str, Any] | None, Gradients | None]:
         key = point.key()

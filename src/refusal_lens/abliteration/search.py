@@ -191,6 +191,9 @@ class SearchConfig:
     scan_indices: int = 8
     """Gradient search: direction indices scored with full ablation (spread over depth; then the best one's
     neighbours, its projected form and the per-layer directions)."""
+    probe_directions: int = 3
+    """Gradient search, --max-kl t: scanned directions scored at the uniform strength that should cost t (the
+    gentlest removing one and the next gentlest); the fewest greedy refusals there is the direction traced."""
     kl_bounds: tuple[float, ...] = (0.01, 0.03, 0.06, 0.2, 0.5, 1.0)
     """Gradient search: after the user's bound, trace the front at these KL bounds (fewest refusals under each)."""
     near_bounds: tuple[float, ...] = (0.6, 0.8)
