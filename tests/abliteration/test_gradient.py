@@ -189,10 +189,12 @@ def test_greedy_front_ranks_by_the_argmax_refusal_then_the_probability():
     assert [r["i"] for r in pareto_front(rows)] == [0, 1, 3]
 
 
-def test_the_traced_direction_is_the_one_with_fewest_greedy_refusals_at_the_users_kl_bound(tmp_path):
-    """A planted answer: the gentlest direction that removes all refusal at full strength (global 2) leaves more
-    refusal at KL 0.1 than the per-layer projected directions, which leave 30 % at full strength. Each candidate
-    is scored at the uniform strength (t / KL_full)^(1/1.3), and the per-layer projected directions win."""
+@pytest.mark.parametrize("floor, switched", [(0.2, True), (0.35, False)])
+def test_the_traced_direction_is_the_one_with_fewest_greedy_refusals_at_the_users_kl_bound(tmp_path, floor, switched):
+    """A planted answer: the gentlest direction that removes all refusal at full strength (global 2) leaves 41 %
+    of the prompts refusing at KL 0.1. The per-layer projected directions leave ``floor`` at full strength and
+    about that at the bound (``s`` ≈ 0.49). Each candidate is scored at the uniform strength (t / KL_full)^(1/1.3);
+    the per-layer ones replace the gentlest only when they lead by the margin (0.1): 21 % against 41 %, not 36 %."""
     gen = torch.Generator().manual_seed(0)
     ds = DirectionSet(torch.randn(5, 8, generator=gen, dtype=torch.float64), torch.randn(5, 8, generator=gen))
     # direction -> (KL at full strength, greedy refusal at uniform strength s); KL = KL_full · s^1.3
@@ -202,7 +204,7 @@ def test_the_traced_direction_is_the_one_with_fewest_greedy_refusals_at_the_user
         (3.0, "global", False): (1.0, lambda s: max(0.0, 1 - s)),
         (2.0, "global", True): (0.6, lambda s: max(0.0, 1 - s)),
         (2.0, "per_layer", False): (0.3, lambda s: 0.9),
-        (2.0, "per_layer", True): (0.25, lambda s: 0.3 + 0.7 * max(0.0, 1 - 2 * s)),
+        (2.0, "per_layer", True): (0.25, lambda s: floor + (1 - floor) * max(0.0, 1 - 2 * s)),
     }
     units = {key: ds.plan_directions(*key)[0] for key in planted}
 
@@ -215,7 +217,9 @@ def test_the_traced_direction_is_the_one_with_fewest_greedy_refusals_at_the_user
     cfg = SearchConfig(target_kl=0.1, scan_indices=3)
     search = GradientSearch(ds, evaluate, Checkpoint(tmp_path / "p.jsonl", {"x": 1}), cfg, False, gradients=None)
     chosen = search._choose(search._scan())
-    assert (chosen.index, chosen.scope, chosen.projected) == (2.0, "per_layer", True)
+    assert (chosen.index, chosen.scope, chosen.projected) == (
+        (2.0, "per_layer", True) if switched else (2.0, "global", False)
+    )
     probes = {(r["point"]["index"], r["point"]["scope"], r["point"]["projected"]): r for r in search.order
               if r["phase"] == "line"}  # fmt: skip
     # the gentlest removing direction and the next two gentlest leaving at most half the prompts refusing

@@ -231,11 +231,15 @@ class GradientSearch(Search):
         front is traced by scaling it down, and a direction that costs less KL at full strength costs less at
         most strengths (on SmolLM2 the deepest removing directions cost a quarter of the KL of the first). With
         a KL bound ``t`` that one and the next gentlest ones that leave at most half the prompts refusing are
-        each scored at the uniform strength that should cost ``t`` (KL rose like strength^1.3 there), and the
-        fewest greedy refusals at that strength wins: full ablation misjudges a direction that the bound needs
-        only part of (on SmolLM2 the per-layer projected directions left 8 of 39 greedy refusals at full
-        strength, against none for the gentlest; at the bound they left 14 against 27, and 3 against 4 after
-        the trace's steps). Without a KL bound, the gentlest one at strengths 0.25, 0.5 and 0.75."""
+        each scored at the uniform strength that should cost ``t`` (KL rose like strength^1.3 there). Another
+        direction replaces the gentlest only if it leaves fewer greedy refusals there by at least
+        ``probe_margin``: full ablation misjudges a direction that the bound needs only part of, but a few
+        prompts' difference is within the noise of a few dozen search prompts. On SmolLM2 without a system
+        prompt the per-layer projected directions left 12 of 39 greedy refusals at full strength, against none
+        for the gentlest (global index 25), and 16 against 27 at the bound: traced, they reached 4 of 39 at
+        search KL 0.082 against 0.096. With "You are a helpful assistant." they led by 1 against 4 at the bound,
+        within the margin; followed anyway, they scored worse on held-out prompts (docs/abliteration.md).
+        Without a KL bound, the gentlest one at strengths 0.25, 0.5 and 0.75."""
         if not rows:
             return None
         least = min(greedy_refusal(r) for r in rows)
@@ -254,7 +258,11 @@ class GradientSearch(Search):
         if not probes:
             return best
         fits = [r for r in probes if r["kl"] <= 1.5 * t] or [min(probes, key=lambda r: r["kl"])]
-        return Point.from_json(min(fits, key=lambda r: (greedy_refusal(r), r["kl"]))["point"])
+        winner = min(fits, key=lambda r: (greedy_refusal(r), r["kl"]))
+        own = [r for r in fits if Point.from_json(r["point"]).same_direction(best)]
+        if own and greedy_refusal(own[0]) - greedy_refusal(winner) < self.cfg.probe_margin:
+            return best
+        return Point.from_json(winner["point"])
 
     def _uniform(self, strength: float) -> Kernel:
         return Kernel(strength, (self.L - 1) / 2, float(self.L), strength)

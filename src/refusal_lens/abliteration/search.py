@@ -193,15 +193,21 @@ class SearchConfig:
     neighbours, its projected form and the per-layer directions)."""
     probe_directions: int = 3
     """Gradient search, --max-kl t: scanned directions scored at the uniform strength that should cost t (the
-    gentlest removing one and the next gentlest); the fewest greedy refusals there is the direction traced."""
+    gentlest removing one and the next gentlest); the fewest greedy refusals there is the direction traced, if
+    it beats the gentlest one's by ``probe_margin``."""
+    probe_margin: float = 0.1
+    """Gradient search: the share of harmful prompts by which another direction's greedy refusals at the probe
+    must beat the gentlest one's to replace it: 1.5–2 standard errors of the difference of two such shares on
+    ~40 prompts when few refuse, so a lead within the noise keeps the gentlest direction."""
     kl_bounds: tuple[float, ...] = (0.01, 0.03, 0.06, 0.2, 0.5, 1.0)
     """Gradient search: after the user's bound, trace the front at these KL bounds (fewest refusals under each)."""
     near_bounds: tuple[float, ...] = (0.6, 0.8)
     """Gradient search, --max-kl t: the bounds t × these are traced right after t (from its best strengths scaled
     down), where a user who wants less KL looks first (heretic's picks sat at 0.6t and 0.8t on SmolLM2)."""
-    front_bounds: int = 3
+    front_bounds: int = 2
     """Gradient search: how many of ``kl_bounds`` are traced, the nearest to the user's bound first (those within
-    20 % of a bound traced before are skipped)."""
+    20 % of a bound traced before are skipped). Two, not three, since session 10: the third (0.5 for --max-kl 0.1)
+    cost 3 steps, ~57 s of an ~870 s run on SmolLM2, far from any bound a user picks."""
     gradient_steps: int = 3
     """Gradient search: steps per bound of ``kl_bounds``."""
     target_steps: int = 8
