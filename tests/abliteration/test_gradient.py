@@ -220,10 +220,14 @@ def test_the_traced_direction_is_the_one_with_fewest_greedy_refusals_at_the_user
     assert (chosen.index, chosen.scope, chosen.projected) == (
         (2.0, "per_layer", True) if switched else (2.0, "global", False)
     )
-    probes = {(r["point"]["index"], r["point"]["scope"], r["point"]["projected"]): r for r in search.order
-              if r["phase"] == "line"}  # fmt: skip
-    # the gentlest removing direction and the next two gentlest leaving at most half the prompts refusing
-    assert set(probes) == {(2.0, "global", False), (2.0, "per_layer", True), (2.0, "global", True)}
+    lines = [r for r in search.order if r["phase"] == "line"]
+    gentlest = (2.0, "global", False)
+    # the gentlest direction's line first (its trace's starting points if it is kept), then one probe each for it
+    # and the next two gentlest directions leaving at most half the prompts refusing
+    assert [r["point"]["attn"]["max_weight"] for r in lines[:3]] == [0.25, 0.5, 0.75]
+    assert all((r["point"]["index"], r["point"]["scope"], r["point"]["projected"]) == gentlest for r in lines[:3])
+    probes = {(r["point"]["index"], r["point"]["scope"], r["point"]["projected"]): r for r in lines[3:]}
+    assert len(lines) == 6 and set(probes) == {gentlest, (2.0, "per_layer", True), (2.0, "global", True)}
     for key, row in probes.items():
         strength = (0.1 / planted[key][0]) ** (1 / 1.3)
         assert row["point"]["attn"]["max_weight"] == pytest.approx(strength, abs=1e-5)

@@ -239,15 +239,17 @@ class GradientSearch(Search):
         for the gentlest (global index 25), and 16 against 27 at the bound: traced, they reached 4 of 39 at
         search KL 0.082 against 0.096. With "You are a helpful assistant." they led by 1 against 4 at the bound,
         within the margin; followed anyway, they scored worse on held-out prompts (docs/abliteration.md).
-        Without a KL bound, the gentlest one at strengths 0.25, 0.5 and 0.75."""
+        The gentlest is also scored at strengths 0.25, 0.5 and 0.75 (its line), and alone without a KL bound."""
         if not rows:
             return None
         least = min(greedy_refusal(r) for r in rows)
         removing = [r for r in rows if greedy_refusal(r) <= 2 * least + 0.05]
         gentlest = min(removing, key=lambda r: (r["kl"], greedy_refusal(r)))
         best, t = Point.from_json(gentlest["point"]), self.cfg.target_kl
+        # its line first: the points its trace starts from when it is kept (a start under the bound; the probe's
+        # strength may land just over it, and a trace from there settled at KL 0.090 instead of 0.077 on SmolLM2)
+        self._all([replace(best, attn=self._uniform(s), mlp=self._uniform(s)) for s in (0.25, 0.5, 0.75)], "line")
         if t is None:
-            self._all([replace(best, attn=self._uniform(s), mlp=self._uniform(s)) for s in (0.25, 0.5, 0.75)], "line")
             return best
         others = sorted((r for r in rows if r is not gentlest and greedy_refusal(r) <= 0.5), key=lambda r: r["kl"])
         probes = []
