@@ -248,15 +248,14 @@ class GradientSearch(Search):
         best, t = Point.from_json(gentlest["point"]), self.cfg.target_kl
         # its line first: the points its trace starts from when it is kept (a start under the bound; the probe's
         # strength may land just over it, and a trace from there settled at KL 0.090 instead of 0.077 on SmolLM2)
-        self._all([replace(best, attn=self._uniform(s), mlp=self._uniform(s)) for s in (0.25, 0.5, 0.75)], "line")
+        self._all([self._uniform(best, s) for s in (0.25, 0.5, 0.75)], "line")
         if t is None:
             return best
         others = sorted((r for r in rows if r is not gentlest and greedy_refusal(r) <= 0.5), key=lambda r: r["kl"])
         probes = []
         for r in [gentlest, *others[: self.cfg.probe_directions - 1]]:
-            s = min(1.0, (t / max(r["kl"], 1e-12)) ** (1 / 1.3))
-            point = Point.from_json(r["point"])
-            probes += self._all([replace(point, attn=self._uniform(s), mlp=self._uniform(s))], "line")
+            strength = min(1.0, (t / max(r["kl"], 1e-12)) ** (1 / 1.3))
+            probes += self._all([self._uniform(Point.from_json(r["point"]), strength)], "line")
         if not probes:
             return best
         fits = [r for r in probes if r["kl"] <= 1.5 * t] or [min(probes, key=lambda r: r["kl"])]
@@ -266,8 +265,10 @@ class GradientSearch(Search):
             return best
         return Point.from_json(winner["point"])
 
-    def _uniform(self, strength: float) -> Kernel:
-        return Kernel(strength, (self.L - 1) / 2, float(self.L), strength)
+    def _uniform(self, point: Point, strength: float) -> Point:
+        """``point``'s direction with one strength on every layer and write."""
+        kernel = Kernel(strength, (self.L - 1) / 2, float(self.L), strength)
+        return replace(point, attn=kernel, mlp=kernel)
 
     def _gradient_point(self, point: Point, phase: str) -> tuple[dict[str, Any] | None, Gradients | None]:
         key = point.key()
