@@ -211,17 +211,16 @@ class GradientSearch(Search):
         """Full ablation (strength 1 everywhere) with directions spread over depth, then the best one's neighbours,
         its projected form and the per-layer directions (plain and projected)."""
         L = self.L
-        full = Kernel(1.0, (L - 1) / 2, float(L), 1.0)
         n = max(1, min(L - 1, self.cfg.scan_indices))
         indices = sorted({round(1 + i * (L - 2) / max(n - 1, 1)) for i in range(n)}) if L > 2 else [1]
-        rows = self._all([Point(float(i), "global", False, full, full) for i in indices], "direction")
+        rows = self._all([self._uniform(Point(float(i)), 1.0) for i in indices], "direction")
         if not rows:
             return []
         top = Point.from_json(min(rows, key=lambda r: (greedy_refusal(r), r["kl"]))["point"])
         half = (indices[1] - indices[0]) // 2 if len(indices) > 1 else 0
         more = [replace(top, index=min(max(top.index + s * half, 1.0), L - 1.0)) for s in (-1, 1) if half]
-        more += [replace(top, projected=True), Point(float(L // 2), "per_layer", False, full, full),
-                 Point(float(L // 2), "per_layer", True, full, full)]  # fmt: skip
+        more += [replace(top, projected=True)]
+        more += [self._uniform(Point(float(L // 2), "per_layer", projected), 1.0) for projected in (False, True)]
         return rows + self._all(more, "direction")
 
     def _choose(self, rows: list[dict[str, Any]]) -> Point | None:
