@@ -264,18 +264,18 @@ def _planted_scores(plan: AblationPlan) -> Scores:
 def test_search_gives_most_of_its_budget_to_the_users_bound_and_traces_the_front_beyond_it(tmp_path):
     gen = torch.Generator().manual_seed(0)
     ds = DirectionSet(torch.randn(9, 16, generator=gen, dtype=torch.float64), torch.randn(9, 16, generator=gen))
-    cfg = SearchConfig(max_evaluations=160, target_kl=0.1)
+    cfg = SearchConfig(max_evaluations=178, target_kl=0.1)  # 160 refined points before the scaled shapes (18)
     rows = Search(ds, _planted_scores, Checkpoint(tmp_path / "a.jsonl", {"x": 1}), cfg, False).run()
     phases = [r["phase"] for r in rows]
-    assert len(rows) == 160
-    refine = 160 - phases.count("direction") - phases.count("shape")
+    assert len(rows) == 178
+    refine = 178 - phases.count("direction") - phases.count("shape") - phases.count("shape@bound")
     assert phases.count("refine:kl<=0.1") == round(0.6 * refine)  # the user's bound: its share, then each larger
     for bound in ("0.2", "0.4", "0.8"):  # bound an equal share of the rest
         assert abs(phases.count(f"refine:kl<={bound}") - 0.4 * refine / 3) <= 1
     front = pareto_front(rows)
     assert any(0.1 < r["kl"] <= 0.2 for r in front) and any(0.4 < r["kl"] <= 0.8 for r in front)
     best = min((r for r in rows if r["kl"] <= 0.1), key=lambda r: r["refusal"])
-    assert best["phase"] in ("refine:kl<=0.1", "shape")  # found while refining for the bound, or kept from the grid
+    assert best["phase"] in ("refine:kl<=0.1", "shape@bound")  # found refining for the bound, or a scaled shape
 
     # an interruption anywhere (here in the first larger bound's refinement) and a rerun give the same points
     calls = {"n": 0}
@@ -290,6 +290,54 @@ def test_search_gives_most_of_its_budget_to_the_users_bound_and_traces_the_front
         Search(ds, dies_after_130, Checkpoint(tmp_path / "b.jsonl", {"x": 1}), cfg, False).run()
     resumed = Search(ds, _planted_scores, Checkpoint(tmp_path / "b.jsonl", {"x": 1}), cfg, False).run()
     assert [r["point"] for r in resumed] == [r["point"] for r in rows]
+
+
+def test_every_grid_shape_is_scaled_to_the_users_kl_bound_before_the_refinement_starts(tmp_path):
+    # the planted KL is exactly quadratic in a common scale of the strengths, so the fitted exponent is 2 and
+    # every scaled shape (unless held at the 1.5 ceiling) must land on the bound itself
+    gen = torch.Generator().manual_seed(0)
+    ds = DirectionSet(torch.randn(9, 16, generator=gen, dtype=torch.float64), torch.randn(9, 16, generator=gen))
+    cfg = SearchConfig(max_evaluations=160, target_kl=0.1)
+    rows = Search(ds, _planted_scores, Checkpoint(tmp_path / "a.jsonl", {"x": 1}), cfg, False).run()
+    grid = [r for r in rows if r["phase"] == "shape"]
+    scaled = [r for r in rows if r["phase"] == "shape@bound"]
+    assert len(scaled) == len(grid) // 2 == 18  # the grid's two strengths of a shape scale to the same point
+    capped = 0
+    for r in scaled:
+        point = Point.from_json(r["point"])
+        if point.attn.max_weight == 1.5:  # the shape is too gentle to reach the bound within the ceiling
+            capped += 1
+            assert r["kl"] < 0.1
+        else:
+            assert r["kl"] == pytest.approx(0.1, rel=1e-5)
+    assert capped < len(scaled)
+    first_refined = next(r for r in rows if r["phase"] == "refine:kl<=0.1")
+    start = min((r for r in rows if r["phase"] != "refine:kl<=0.1" and rows.index(r) < rows.index(first_refined)),
+                key=lambda r: r["refusal"] + 100 * max(0.0, r["kl"] - 0.1) + 1e-3 * r["kl"])  # fmt: skip
+    assert start["phase"] == "shape@bound"  # the refinement starts from a shape compared at the bound
+
+
+def _one_step_apart(a: dict, b: dict) -> bool:
+    """Two points that differ in exactly one kernel parameter or the direction index (a descent's neighbours)."""
+    p, q = Point.from_json(a), Point.from_json(b)
+    fields = ("max_weight", "peak", "width", "min_weight")
+    moved = [getattr(p.attn, f) != getattr(q.attn, f) for f in fields] + [p.index != q.index]
+    moved += [getattr(p.mlp, f) != getattr(q.mlp, f) for f in fields]
+    return sum(moved) == 1
+
+
+@pytest.mark.parametrize("starts", [1, 2])
+def test_the_users_bound_is_refined_from_as_many_scaled_shapes_as_configured(tmp_path, starts):
+    gen = torch.Generator().manual_seed(0)
+    ds = DirectionSet(torch.randn(9, 16, generator=gen, dtype=torch.float64), torch.randn(9, 16, generator=gen))
+    cfg = SearchConfig(max_evaluations=178, target_kl=0.1, refine_starts=starts)
+    rows = Search(ds, _planted_scores, Checkpoint(tmp_path / "a.jsonl", {"x": 1}), cfg, False).run()
+    objective = lambda r: r["refusal"] + 100 * max(0.0, r["kl"] - 0.1) + 1e-3 * r["kl"]  # noqa: E731
+    first, second = sorted((r for r in rows if r["phase"] == "shape@bound"), key=objective)[:2]
+    refined = [r for r in rows if r["phase"] == "refine:kl<=0.1"]
+    assert any(_one_step_apart(r["point"], first["point"]) for r in refined)
+    # the second-best scaled shape's neighbours are scored only when the descent also starts there
+    assert any(_one_step_apart(r["point"], second["point"]) for r in refined) == (starts == 2)
 
 
 def test_a_forward_that_cannot_continue_the_opening_falls_back_to_whole_prompts(setup, tokenizer, monkeypatch):

@@ -27,7 +27,8 @@ from torch import nn
 from ..core.hooks import site_hooks
 from ..direction.strengths import AblationPlan
 from .objectives import Evaluator, Scores
-from .search import Kernel, Point, Search, fewest_greedy, greedy_count, greedy_refusal
+from .points import Kernel, Point
+from .search import Search, fewest_greedy, greedy_count, greedy_refusal
 
 
 @dataclass

@@ -25,9 +25,11 @@ from ..core.progress import progress_bar
 from ..core.prompts import ChatFormatter
 from ..direction.scoring import detect_refusal_tokens
 from ..direction.variants import DirectionSet
+from .checkpoint import Checkpoint
 from .gradient import GradientSearch, strength_gradients
 from .objectives import Evaluator, generated_refusals
-from .search import Checkpoint, Point, Search, SearchConfig, fewest_greedy, greedy_refusal, pareto_front
+from .points import Point
+from .search import Search, SearchConfig, fewest_greedy, greedy_refusal, pareto_front
 
 
 @dataclass

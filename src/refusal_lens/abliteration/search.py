@@ -11,7 +11,8 @@ scored with the cheap first-token objectives (:mod:`.objectives`):
 1. **direction**: full ablation (strength 1 everywhere) with each integer direction index, plain and
    projected, global and per-layer: which direction removes refusal at all;
 2. **shape**: for the best directions, a small grid of layer kernels (peak, width, strengths 0.6 and 1; attention
-   and MLP together, or attention alone): where in depth the edit is needed;
+   and MLP together, or attention alone): where in depth the edit is needed; with --max-kl, every shape is then
+   scaled to cost about that KL, so shapes are compared at the user's bound;
 3. **refine**: coordinate descent over every kernel parameter (attention and MLP separately) and the direction
    index, with halving steps: first for the user's bound (fewest refusals with KL ≤ --max-kl, or lowest KL with
    refusal ≤ --max-refusal, as a penalty) with most of the budget, then, with the rest, for larger KL bounds (or
@@ -23,84 +24,20 @@ inputs reads it back and skips those evaluations, so an interrupted search resum
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
-
-from ..core.errors import UserError
 from ..core.progress import progress_bar
 from ..direction.strengths import AblationPlan
 from ..direction.variants import DirectionSet
+from .checkpoint import Checkpoint
 from .objectives import Scores
+from .points import OFF, Kernel, Point, scaled
 
-
-@dataclass(frozen=True)
-class Kernel:
-    """Strength over layers: ``max_weight`` at ``peak``, falling linearly to ``min_weight`` at distance ``width``,
-    zero beyond."""
-
-    max_weight: float = 1.0
-    peak: float = 0.0
-    width: float = 1e9
-    min_weight: float = 1.0
-
-    def weights(self, n_layers: int) -> torch.Tensor:
-        dist = (torch.arange(n_layers, dtype=torch.float64) - self.peak).abs()
-        frac = (dist / max(self.width, 1e-9)).clamp(max=1.0)
-        w = self.max_weight + (self.min_weight - self.max_weight) * frac
-        return torch.where(dist <= self.width, w, torch.zeros_like(w))
-
-
-OFF = Kernel(0.0, 0.0, 0.0, 0.0)
-
-
-@dataclass(frozen=True)
-class Point:
-    """One candidate abliteration: the direction and the two kernels, or (``attn_w``/``mlp_w``, found by the
-    gradient search) one free strength per layer, which then replaces the kernel."""
-
-    index: float
-    scope: str = "global"  # "global" or "per_layer"
-    projected: bool = False
-    attn: Kernel = Kernel()
-    mlp: Kernel = Kernel()
-    embed: float = 0.0
-    attn_w: tuple[float, ...] | None = None
-    mlp_w: tuple[float, ...] | None = None
-
-    def key(self) -> str:
-        return json.dumps(self.to_json(), sort_keys=True)
-
-    def to_json(self) -> dict[str, Any]:
-        # free strengths are left out when absent, so kernel points keep the keys older checkpoints have
-        plain = {k: v for k, v in asdict(self).items() if v is not None}
-        return json.loads(json.dumps(plain), parse_float=lambda s: round(float(s), 6))
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> Point:
-        free = {k: tuple(obj[k]) for k in ("attn_w", "mlp_w") if obj.get(k) is not None}
-        return cls(**{**obj, "attn": Kernel(**obj["attn"]), "mlp": Kernel(**obj["mlp"]), **free})
-
-    def strengths(self, n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-        attn = self.attn.weights(n_layers) if self.attn_w is None else torch.tensor(self.attn_w, dtype=torch.float64)
-        mlp = self.mlp.weights(n_layers) if self.mlp_w is None else torch.tensor(self.mlp_w, dtype=torch.float64)
-        return attn, mlp
-
-    def same_direction(self, other: Point) -> bool:
-        return (self.index, self.scope, self.projected, self.embed) == (
-            other.index, other.scope, other.projected, other.embed)  # fmt: skip
-
-    def plan(self, directions: DirectionSet) -> AblationPlan:
-        dirs, embed_dir = directions.plan_directions(self.index, self.scope, self.projected)
-        attn, mlp = self.strengths(directions.n_layers)
-        return AblationPlan(dirs, attn, mlp, embed_dir, self.embed)
+__all__ = ["OFF", "Checkpoint", "Kernel", "Point", "Search", "SearchConfig", "pareto_front"]
 
 
 def _under_kl(bound: float) -> Callable[[dict[str, Any]], float]:
@@ -138,35 +75,6 @@ def pareto_front(rows: list[dict[str, Any]], refusal_key: str = "refusal") -> li
     return front
 
 
-class Checkpoint:
-    """Evaluated points in a JSON Lines file: a header with the inputs' fingerprint, then one point per line."""
-
-    def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any]):
-        self.path = Path(path)
-        self.fingerprint = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-        self.rows: dict[str, dict[str, Any]] = {}
-        if self.path.is_file():
-            lines = [json.loads(s) for s in self.path.read_text(encoding="utf-8").splitlines() if s.strip()]
-            if not lines or lines[0].get("fingerprint") != self.fingerprint:
-                raise UserError(
-                    f"search checkpoint {self.path} was written for other inputs or options; remove it to start "
-                    "over, or give another --out."
-                )
-            for row in lines[1:]:
-                self.rows[Point.from_json(row["point"]).key()] = row
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps({"fingerprint": self.fingerprint}) + "\n", encoding="utf-8")
-
-    def add(self, row: dict[str, Any]) -> None:
-        # one short line per write, flushed: an interruption loses at most the point being scored
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        self.rows[Point.from_json(row["point"]).key()] = row
-
-
 @dataclass
 class SearchConfig:
     n_directions: int = 1
@@ -180,6 +88,10 @@ class SearchConfig:
     target_share: float = 0.6
     """Share of the refinement budget (what the direction scan and the shape grid leave) spent on the user's
     bound; the rest is split evenly over the other refinements, so the front is not empty at larger KL."""
+    refine_starts: int = 2
+    """With --max-kl: the refinement for the user's bound first spends half its budget descending from this many
+    of the best grid shapes scaled to the bound (an equal share each), then goes on from the best point found:
+    several short descents visit more of the front just under the bound, where the check looks."""
     refine_rounds: int = 3
     """Step halvings in the refinement phase."""
     max_evaluations: int = 150
@@ -277,7 +189,9 @@ class Search:
         best = sorted(rows, key=lambda r: (r["refusal"], r["kl"]))[: self.cfg.n_directions]
         for r in best:
             base = Point.from_json(r["point"])
-            self._all(self._shapes(base), "shape")
+            shapes = self._all(self._shapes(base), "shape")
+            if self.cfg.target_kl is not None:
+                self._all(self._at_bound(shapes, self.cfg.target_kl), "shape@bound")
         refines: list[tuple[Callable[[dict[str, Any]], float], str]] = []
         if self.cfg.target_refusal is not None:
             t = self.cfg.target_refusal
@@ -292,7 +206,15 @@ class Search:
             # budgets count the points this run visited (read back or new), so a resumed run retraces the same path
             left = self.cfg.max_evaluations - len(self.order)
             share = self.cfg.target_share if i == 0 else 1 / (len(refines) - i)
-            self._refine(objective, name, len(self.order) + max(1, round(share * left)))
+            end = len(self.order) + max(1, round(share * left))
+            if i == 0 and self.cfg.refine_starts > 1:  # the user's bound: first from several scaled shapes
+                starts = sorted((r for r in self.order if r["phase"] == "shape@bound"), key=objective)
+                each = (end - len(self.order)) // (2 * self.cfg.refine_starts)
+                for start in starts[: self.cfg.refine_starts]:
+                    self._refine(objective, name, len(self.order) + each, start)
+            elif i > 0 and self.cfg.target_kl is not None:  # a larger bound: first the best point scaled up to it
+                self._scale_best(objective, name, self.cfg.target_kl * self.cfg.front_kl[i - 1])
+            self._refine(objective, name, end)  # then on from the best point found, to the bound's whole share
         self.bar.close()
         return list(self.checkpoint.rows.values())
 
@@ -306,13 +228,54 @@ class Search:
                     out += [replace(base, attn=k, mlp=k), replace(base, attn=k, mlp=OFF)]
         return out
 
-    def _refine(self, objective: Callable[[dict[str, Any]], float], name: str, stop_at: int | None = None) -> None:
+    def _at_bound(self, rows: list[dict[str, Any]], bound: float) -> list[Point]:
+        """Every grid shape scaled to cost about ``bound`` in KL, so shapes are compared (and the refinement starts)
+        at the user's bound, not at the grid's two strengths. ``KL ∝ s^γ`` from the nearer grid strength: γ fitted
+        on the two (clamped to 1..4), or 2 below the weaker, where KL is quadratic in a small edit. Without it the
+        organism's search started from a narrow early-layer shape that happened to fall under the bound; mid-depth
+        shapes just over it, scaled to it, removed more refusal at equal KL (docs/abliteration.md)."""
+        by_shape: dict[str, list[tuple[float, float, Point]]] = {}
+        for r in rows:
+            p = Point.from_json(r["point"])
+            s = p.attn.max_weight
+            if s <= 0 or r["kl"] <= 0:
+                continue
+            unit = scaled(p, 1 / s)
+            by_shape.setdefault(unit.key(), []).append((s, r["kl"], unit))
+        out = []
+        for pairs in by_shape.values():
+            (s0, kl0, unit), (s1, kl1, _) = min(pairs, key=lambda t: t[0]), max(pairs, key=lambda t: t[0])
+            gamma = math.log(kl1 / kl0) / math.log(s1 / s0) if s1 > s0 and kl1 > kl0 else 2.0
+            if bound < kl0:
+                scale = s0 * (bound / kl0) ** 0.5
+            else:
+                scale = s1 * (bound / kl1) ** (1 / min(max(gamma, 1.0), 4.0))
+            out.append(scaled(unit, min(scale, 1.5)))  # the refinement's ceiling for any strength
+        return out
+
+    def _scale_best(self, objective: Callable[[dict[str, Any]], float], name: str, bound: float) -> None:
+        """Score the best point so far with its strengths scaled so its KL (quadratic in a small edit) reaches
+        ``bound``: the refinement for a larger bound then starts there, not from a point far under it."""
+        best = min(self.order, key=objective, default=None)
+        if best is None or best["kl"] <= 0 or best["kl"] >= bound:
+            return
+        point = Point.from_json(best["point"])
+        ceiling = 1.5 / max(point.attn.max_weight, point.mlp.max_weight, point.attn.min_weight, point.mlp.min_weight)
+        self.score(scaled(point, min((bound / best["kl"]) ** 0.5, ceiling)), f"refine:{name}")
+
+    def _refine(
+        self,
+        objective: Callable[[dict[str, Any]], float],
+        name: str,
+        stop_at: int | None = None,
+        start: dict[str, Any] | None = None,
+    ) -> None:
         """Coordinate descent on ``objective`` from the best point so far, halving the steps each round, until
         ``stop_at`` points are in the checkpoint (points read back from it cost nothing)."""
         # from the rows this run has visited, not every checkpointed one: a resumed run retraces the same path
         if not self.order:
             return
-        current = min(self.order, key=objective)
+        current = start or min(self.order, key=objective)
         point = Point.from_json(current["point"])
         steps = {"max_weight": 0.2, "peak": 1.0, "width": 1.0, "min_weight": 0.2}
         for _ in range(self.cfg.refine_rounds):
