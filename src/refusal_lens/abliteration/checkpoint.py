@@ -13,10 +13,6 @@ from ..core.errors import UserError
 from .points import Point
 
 
-def _point_key(obj: dict[str, Any]) -> str:
-    return Point.from_json(obj).key()
-
-
 class Checkpoint:
     """Evaluated points in a JSON Lines file: a header with the inputs' fingerprint, then one point per line."""
 
@@ -32,7 +28,7 @@ class Checkpoint:
                     "over, or give another --out."
                 )
             for row in lines[1:]:
-                self.rows[_point_key(row["point"])] = row
+                self.rows[Point.from_json(row["point"]).key()] = row
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps({"fingerprint": self.fingerprint}) + "\n", encoding="utf-8")
@@ -43,4 +39,4 @@ class Checkpoint:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        self.rows[_point_key(row["point"])] = row
+        self.rows[Point.from_json(row["point"]).key()] = row

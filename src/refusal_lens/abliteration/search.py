@@ -192,28 +192,29 @@ class Search:
             shapes = self._all(self._shapes(base), "shape")
             if self.cfg.target_kl is not None:
                 self._all(self._at_bound(shapes, self.cfg.target_kl), "shape@bound")
-        refines: list[tuple[Callable[[dict[str, Any]], float], str]] = []
+        # (objective, name, its KL bound if it has one)
+        refines: list[tuple[Callable[[dict[str, Any]], float], str, float | None]] = []
         if self.cfg.target_refusal is not None:
             t = self.cfg.target_refusal
             refines.append((lambda r: r["kl"] + 100 * max(0.0, r["refusal"] - t) + 1e-3 * r["refusal"],
-                            f"refusal<={t:g}"))  # fmt: skip
+                            f"refusal<={t:g}", None))  # fmt: skip
         if self.cfg.target_kl is not None:  # the user's bound first: most of the budget goes where the pick is
             bounds = [self.cfg.target_kl * m for m in (1.0, *self.cfg.front_kl)]
-            refines += [(_under_kl(b), f"kl<={b:g}") for b in bounds]
+            refines += [(_under_kl(b), f"kl<={b:g}", b) for b in bounds]
         else:
-            refines += [(lambda r, b=b: r["refusal"] + b * r["kl"], f"beta={b:g}") for b in self.cfg.tradeoffs]
-        for i, (objective, name) in enumerate(refines):
+            refines += [(lambda r, b=b: r["refusal"] + b * r["kl"], f"beta={b:g}", None) for b in self.cfg.tradeoffs]
+        for i, (objective, name, bound) in enumerate(refines):
             # budgets count the points this run visited (read back or new), so a resumed run retraces the same path
             left = self.cfg.max_evaluations - len(self.order)
             share = self.cfg.target_share if i == 0 else 1 / (len(refines) - i)
             end = len(self.order) + max(1, round(share * left))
-            if i == 0 and self.cfg.refine_starts > 1:  # the user's bound: first from several scaled shapes
+            if i == 0:  # the user's bound: first short descents from the best shapes scaled to it (if any)
                 starts = sorted((r for r in self.order if r["phase"] == "shape@bound"), key=objective)
                 each = (end - len(self.order)) // (2 * self.cfg.refine_starts)
-                for start in starts[: self.cfg.refine_starts]:
+                for start in starts[: self.cfg.refine_starts] if self.cfg.refine_starts > 1 else ():
                     self._refine(objective, name, len(self.order) + each, start)
-            elif i > 0 and self.cfg.target_kl is not None:  # a larger bound: first the best point scaled up to it
-                self._scale_best(objective, name, self.cfg.target_kl * self.cfg.front_kl[i - 1])
+            elif bound is not None:  # a larger bound: first the best point so far scaled up to it
+                self._scale_best(objective, name, bound)
             self._refine(objective, name, end)  # then on from the best point found, to the bound's whole share
         self.bar.close()
         return list(self.checkpoint.rows.values())
