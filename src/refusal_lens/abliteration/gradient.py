@@ -27,7 +27,7 @@ from torch import nn
 from ..core.hooks import site_hooks
 from ..direction.strengths import AblationPlan
 from .objectives import Evaluator, Scores
-from .points import Kernel, Point
+from .points import MAX_STRENGTH, OFF, Point, uniform
 from .search import Search, fewest_greedy, greedy_count, greedy_refusal
 
 
@@ -149,9 +149,9 @@ def _scaled(row: dict[str, Any], bound: float, n_layers: int) -> Point:
 def _free(point: Point, theta: torch.Tensor) -> Point:
     """``point``'s direction with a free strength per layer and write: ``theta`` = attention then MLP strengths,
     clipped to ``[0, 1.5]`` and rounded (the checkpoint key)."""
-    values = [round(float(v), 4) for v in theta.clamp(0.0, 1.5)]
+    values = [round(float(v), 4) for v in theta.clamp(0.0, MAX_STRENGTH)]
     n = len(values) // 2
-    return replace(point, attn=Kernel(0.0, 0.0, 0.0, 0.0), mlp=Kernel(0.0, 0.0, 0.0, 0.0),
+    return replace(point, attn=OFF, mlp=OFF,
                    attn_w=tuple(values[:n]), mlp_w=tuple(values[n:]))  # fmt: skip
 
 
@@ -266,9 +266,7 @@ class GradientSearch(Search):
         return Point.from_json(winner["point"])
 
     def _uniform(self, point: Point, strength: float) -> Point:
-        """``point``'s direction with one strength on every layer and write."""
-        kernel = Kernel(strength, (self.L - 1) / 2, float(self.L), strength)
-        return replace(point, attn=kernel, mlp=kernel)
+        return uniform(point, strength, self.L)
 
     def _gradient_point(self, point: Point, phase: str) -> tuple[dict[str, Any] | None, Gradients | None]:
         key = point.key()

@@ -31,6 +31,9 @@ class Kernel:
 
 
 OFF = Kernel(0.0, 0.0, 0.0, 0.0)
+MAX_STRENGTH = 1.5
+"""The largest strength any search gives a layer's write (1 removes the direction's component; a little more
+can help where later layers write it back)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,12 @@ class Point:
         dirs, embed_dir = directions.plan_directions(self.index, self.scope, self.projected)
         attn, mlp = self.strengths(directions.n_layers)
         return AblationPlan(dirs, attn, mlp, embed_dir, self.embed)
+
+
+def uniform(point: Point, strength: float, n_layers: int) -> Point:
+    """``point``'s direction with one strength on every layer and write."""
+    kernel = Kernel(strength, (n_layers - 1) / 2, float(n_layers), strength)
+    return replace(point, attn=kernel, mlp=kernel)
 
 
 def scaled(point: Point, factor: float) -> Point:

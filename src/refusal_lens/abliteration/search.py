@@ -35,7 +35,7 @@ from ..direction.strengths import AblationPlan
 from ..direction.variants import DirectionSet
 from .checkpoint import Checkpoint
 from .objectives import Scores
-from .points import OFF, Kernel, Point, scaled
+from .points import MAX_STRENGTH, OFF, Kernel, Point, scaled, uniform
 
 __all__ = ["OFF", "Checkpoint", "Kernel", "Point", "Search", "SearchConfig", "pareto_front"]
 
@@ -182,9 +182,8 @@ class Search:
 
     def run(self) -> list[dict[str, Any]]:
         L = self.L
-        full = Kernel(1.0, (L - 1) / 2, float(L), 1.0)
-        scan = [Point(float(i), "global", pj, full, full) for i in range(1, L) for pj in (False, True)]
-        scan += [Point(float(L // 2), "per_layer", pj, full, full) for pj in (False, True)]
+        scan = [uniform(Point(float(i), "global", pj), 1.0, L) for i in range(1, L) for pj in (False, True)]
+        scan += [uniform(Point(float(L // 2), "per_layer", pj), 1.0, L) for pj in (False, True)]
         rows = self._all(scan, "direction")
         best = sorted(rows, key=lambda r: (r["refusal"], r["kl"]))[: self.cfg.n_directions]
         for r in best:
@@ -251,7 +250,7 @@ class Search:
                 scale = s0 * (bound / kl0) ** 0.5
             else:
                 scale = s1 * (bound / kl1) ** (1 / min(max(gamma, 1.0), 4.0))
-            out.append(scaled(unit, min(scale, 1.5)))  # the refinement's ceiling for any strength
+            out.append(scaled(unit, min(scale, MAX_STRENGTH)))
         return out
 
     def _scale_best(self, objective: Callable[[dict[str, Any]], float], name: str, bound: float) -> None:
@@ -261,7 +260,8 @@ class Search:
         if best is None or best["kl"] <= 0 or best["kl"] >= bound:
             return
         point = Point.from_json(best["point"])
-        ceiling = 1.5 / max(point.attn.max_weight, point.mlp.max_weight, point.attn.min_weight, point.mlp.min_weight)
+        strongest = max(point.attn.max_weight, point.mlp.max_weight, point.attn.min_weight, point.mlp.min_weight)
+        ceiling = MAX_STRENGTH / strongest
         self.score(scaled(point, min((bound / best["kl"]) ** 0.5, ceiling)), f"refine:{name}")
 
     def _refine(
@@ -299,7 +299,7 @@ class Search:
                 for sign in (-1, 1):
                     value = getattr(kernel, name) + sign * step
                     if name in ("max_weight", "min_weight"):
-                        value = min(max(value, 0.0), 1.5)
+                        value = min(max(value, 0.0), MAX_STRENGTH)
                     elif name == "peak":
                         value = min(max(value, 0.0), self.L - 1.0)
                     else:
